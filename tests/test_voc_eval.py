@@ -276,3 +276,42 @@ def test_area_ap_agrees_with_coco_ap50(seed, backend):
     voc = ours.compute()["mAP_voc"]
     assert 0.2 < voc < 0.95  # a non-trivial curve
     assert voc == pytest.approx(coco_ap50, abs=0.01 + 1e-6)
+
+
+def _ddp_worker(rank, world_size, port, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    preds, targets = random_scene(0)
+    results = []
+    # Uneven shards (different state lengths), and rank 0 never calling update at all.
+    for first_shard in (3, 0):
+        metric = VOCEvaluator(NAMES)
+        shard = slice(0, first_shard) if rank == 0 else slice(first_shard, None)
+        if shard.stop != 0:
+            metric.update(preds[shard], targets[shard])
+        results.append(metric.compute())
+    if rank == 0:
+        torch.save(results, result_file)
+    dist.destroy_process_group()
+
+
+def test_ddp_sync_equals_single_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result_file = tmp_path / "out.pt"
+    mp.spawn(_ddp_worker, args=(2, port, str(result_file)), nprocs=2, join=True)
+    preds, targets = random_scene(0)
+    single = VOCEvaluator(NAMES)
+    single.update(preds, targets)
+    expected = single.compute()
+    uneven, rank0_empty = torch.load(result_file)
+    assert uneven == pytest.approx(expected)
+    assert rank0_empty == pytest.approx(expected)

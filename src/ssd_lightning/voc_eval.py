@@ -186,8 +186,10 @@ class VOCEvaluator(Metric):
         is_tp, ignored = match_detections(preds, targets, self.iou_threshold)
         keep = ~ignored
         self.det_scores.append(torch.cat([p["scores"].float() for p in preds])[keep])
-        self.det_labels.append(torch.cat([p["labels"].long() for p in preds])[keep])
-        self.det_tp.append(is_tp[keep].float())  # float: gathers on every DDP backend
+        # All three states are float32 1-D so that a rank that saw no batch (torchmetrics then
+        # gathers an empty float tensor for it) still matches the others under DDP.
+        self.det_labels.append(torch.cat([p["labels"].float() for p in preds])[keep])
+        self.det_tp.append(is_tp[keep].float())
         counted = torch.cat(
             [
                 t["labels"][~t["difficult"].bool()] if "difficult" in t else t["labels"]
@@ -199,9 +201,9 @@ class VOCEvaluator(Metric):
 
     def compute(self) -> dict[str, float]:
         """Per-class AP for both definitions and their means over classes with GT."""
-        scores = _cat(self.det_scores, torch.float32)
-        labels = _cat(self.det_labels, torch.long)
-        tp = _cat(self.det_tp, torch.float32)
+        scores = _cat(self.det_scores)
+        labels = _cat(self.det_labels).long()
+        tp = _cat(self.det_tp)
         results: dict[str, float] = {}
         per_metric: dict[str, list[float]] = {"voc07": [], "voc": []}
         for k, name in enumerate(self.class_names, start=1):
@@ -223,8 +225,8 @@ class VOCEvaluator(Metric):
         return results
 
 
-def _cat(items: Tensor | list[Tensor], dtype: torch.dtype) -> Tensor:
-    """Concatenate a list state (already a tensor after a DDP sync)."""
+def _cat(items: Tensor | list[Tensor]) -> Tensor:
+    """Concatenate a float32 list state (already a tensor after a DDP sync)."""
     if isinstance(items, Tensor):
         return items
-    return torch.cat(items) if items else torch.zeros(0, dtype=dtype)
+    return torch.cat(items) if items else torch.zeros(0)
