@@ -1,0 +1,3 @@
+"""SSD300 object detection experiments with PyTorch Lightning and Hydra."""
+
+__version__ = "0.1.0"
