@@ -1,0 +1,174 @@
+"""Ground-truth to default-box matching and SSD box encoding (SSD paper, Sec. 2.2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_convert
+
+# Largest log-size delta decoded: boxes at most 1000/16 times their default box (as torchvision),
+# so early, untrained regressions cannot overflow exp() to inf.
+MAX_LOG_SCALE = math.log(1000.0 / 16)
+
+
+def batched_box_iou(boxes1: Tensor, boxes2_t: Tensor) -> Tensor:
+    """IoU of every box of ``boxes1`` with every box of ``boxes2``, batched.
+
+    Same values as ``torchvision.ops.box_iou`` per image (torchvision has no batched form). Works
+    on coordinate planes rather than an (..., 2) stack: about 4x faster on CPU.
+
+    Shape:
+        boxes1: (B, G, 4) xyxy; boxes2_t: (4, A) xyxy, transposed and contiguous; returns (B, G, A).
+    """
+    x1, y1, x2, y2 = (c[..., None] for c in boxes1.unbind(-1))  # (B, G, 1) each
+    ax1, ay1, ax2, ay2 = boxes2_t  # (A,) each
+    inter = (torch.minimum(x2, ax2) - torch.maximum(x1, ax1)).clamp_(min=0)
+    inter.mul_((torch.minimum(y2, ay2) - torch.maximum(y1, ay1)).clamp_(min=0))
+    union = ((x2 - x1) * (y2 - y1)) + ((ax2 - ax1) * (ay2 - ay1)) - inter
+    return inter.div_(union)
+
+
+def bipartite_match(iou: Tensor, col_max: Tensor | None = None) -> Tensor:
+    """The unique one-to-one step of SSD matching, for a batch.
+
+    Equivalent to repeatedly taking the globally best remaining (GT, default box) pair and removing
+    its row and column (original Caffe ``BipartiteMatching``), so two GT boxes never steal each
+    other's guaranteed box. Instead of one pair per step, every round accepts all pairs that are
+    the maximum of both their row and their column: nothing larger involves either side, so the
+    sequential rule takes exactly these pairs too. Most GT boxes are settled in the first round;
+    later rounds work only on the rows still in conflict.
+
+    Args:
+        iou: (B, G, A) IoU; rows of padding GT boxes must hold a negative value.
+        col_max: optional (B, A) ``iou.amax(dim=1)`` when the caller has it already.
+
+    Returns:
+        (B, A) index of the GT box forced onto each default box, -1 where none. A pair with IoU 0
+        never matches.
+    """
+    batch, num_gt, num_default = iou.shape
+    rows = iou.reshape(batch * num_gt, num_default)  # one row per (image, GT box)
+    image_of = torch.arange(batch, device=iou.device).repeat_interleave(num_gt)
+    gt_of = torch.arange(num_gt, device=iou.device).repeat(batch)
+    forced = torch.full((batch * num_default,), -1, dtype=torch.long, device=iou.device)
+    if col_max is None:
+        col_max = iou.amax(dim=1)
+    while True:
+        row_max, row_arg = rows.max(dim=1)  # each GT's best free default box
+        active = row_max > 0
+        flat = image_of * num_default + row_arg
+        accept = active & (row_max >= col_max.view(-1)[flat])
+        # Ties (two GT boxes with the same best IoU on one box): the lower index wins, the other
+        # stays for the next round.
+        owner = torch.full_like(forced, num_gt)
+        owner.scatter_reduce_(0, flat, torch.where(accept, gt_of, num_gt), reduce="amin")
+        forced = torch.where(owner < num_gt, owner, forced)
+        left = active & ~(accept & (owner[flat] == gt_of))
+        if not bool(left.any()):
+            return forced.view(batch, num_default)
+        rows, image_of, gt_of = rows[left], image_of[left], gt_of[left]
+        rows.masked_fill_(forced.view(batch, num_default)[image_of] >= 0, -1.0)
+        col_max = torch.full((batch, num_default), -1.0, dtype=rows.dtype, device=rows.device)
+        col_max.scatter_reduce_(0, image_of[:, None].expand_as(rows), rows, reduce="amax")
+
+
+class SSDBoxCoder:
+    """Assigns ground truth to default boxes and encodes / decodes box offsets.
+
+    Args:
+        default_boxes_cxcywh: (A, 4) normalised default boxes (``DefaultBoxes.cxcywh``).
+        iou_threshold: IoU from which a default box is positive for its best GT box.
+        variances: (v0, v1) scaling of centre and log-size offsets.
+    """
+
+    def __init__(
+        self,
+        default_boxes_cxcywh: Tensor,
+        iou_threshold: float = 0.5,
+        variances: Sequence[float] = (0.1, 0.2),
+    ) -> None:
+        self.default_boxes = default_boxes_cxcywh.float()
+        self.default_xyxy = box_convert(self.default_boxes, "cxcywh", "xyxy")
+        self.default_planes = self.default_xyxy.t().contiguous()  # (4, A) for batched_box_iou
+        self.iou_threshold = float(iou_threshold)
+        self.variances = (float(variances[0]), float(variances[1]))
+        # targets = ((cx, cy, log w, log h) of the GT - offset) * scale, all (A, 4).
+        d, (v0, v1) = self.default_boxes, self.variances
+        self.offset = torch.cat([d[:, :2], d[:, 2:].log()], dim=-1)
+        self.scale = torch.cat([1.0 / (v0 * d[:, 2:]), torch.full_like(d[:, 2:], 1.0 / v1)], dim=-1)
+
+    def __len__(self) -> int:
+        return self.default_boxes.shape[0]
+
+    def to(self, device: torch.device | str) -> SSDBoxCoder:
+        """Move the default boxes to ``device`` (in place) and return self."""
+        self.default_boxes = self.default_boxes.to(device)
+        self.default_xyxy = self.default_xyxy.to(device)
+        self.default_planes = self.default_planes.to(device)
+        self.offset, self.scale = self.offset.to(device), self.scale.to(device)
+        return self
+
+    def match(self, gt_boxes: Tensor, valid: Tensor) -> Tensor:
+        """Index of the GT box matched to every default box, -1 for background.
+
+        SSD paper, Sec. 2.2 "Matching strategy": the bipartite step first, then every other
+        default box with IoU >= threshold goes to its best GT box.
+
+        Shape:
+            gt_boxes: (B, G, 4) normalised xyxy; valid: (B, G) bool; returns (B, A) int64.
+        """
+        iou = batched_box_iou(gt_boxes, self.default_planes.to(gt_boxes.device))
+        if not bool(valid.all()):
+            iou.masked_fill_(~valid[:, :, None], -1.0)
+        best_iou = iou.amax(dim=1)  # (B, A); amax and a sparse argmax beat max(dim=1) on CPU
+        matched = torch.full_like(best_iou, -1, dtype=torch.long)
+        image, box = ((best_iou >= self.iou_threshold) & (best_iou > 0)).nonzero(as_tuple=True)
+        matched[image, box] = iou[image, :, box].argmax(dim=1)
+        forced = bipartite_match(iou, best_iou)
+        return torch.where(forced >= 0, forced, matched)
+
+    def encode_batch(self, boxes: Tensor, labels: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense targets for a batch of padded ground truth.
+
+        Shape:
+            boxes: (B, G, 4) normalised xyxy; labels: (B, G) int64 in 1..C-1; valid: (B, G) bool.
+            Returns loc_targets (B, A, 4) float32 (zero on background) and labels (B, A) int64.
+        """
+        batch, num_default = boxes.shape[0], len(self)
+        if boxes.shape[1] == 0:
+            return boxes.new_zeros(batch, num_default, 4), labels.new_zeros(batch, num_default)
+        matched = self.match(boxes, valid)
+        index = matched.clamp(min=0)
+        target_labels = torch.where(matched >= 0, labels.gather(1, index), 0)
+        # Centre and log-size of each GT once, then gathered onto the default boxes.
+        gt = box_convert(boxes, "xyxy", "cxcywh")
+        gt = torch.cat([gt[..., :2], gt[..., 2:].clamp(min=1e-8).log()], dim=-1)  # (B, G, 4)
+        gt = gt.gather(1, index[..., None].expand(-1, -1, 4))  # (B, A, 4)
+        loc = (gt - self.offset.to(gt.device)) * self.scale.to(gt.device)
+        return loc.masked_fill_((matched < 0)[..., None], 0.0), target_labels
+
+    def encode(self, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Targets for one image.
+
+        Shape:
+            gt_boxes: (G, 4) normalised xyxy; gt_labels: (G,) int64 in 1..C-1.
+            Returns loc_targets (A, 4) and labels (A,).
+        """
+        valid = torch.ones(1, gt_boxes.shape[0], dtype=torch.bool, device=gt_boxes.device)
+        loc, labels = self.encode_batch(gt_boxes[None].float(), gt_labels[None].long(), valid)
+        return loc[0], labels[0]
+
+    def decode(self, loc: Tensor) -> Tensor:
+        """Inverse of the encoding: predicted offsets to normalised xyxy boxes.
+
+        Shape:
+            loc: (B, A, 4) (or (A, 4)); returns the same shape, xyxy normalised.
+        """
+        d = self.default_boxes.to(device=loc.device, dtype=loc.dtype)
+        v0, v1 = self.variances
+        centre = d[:, :2] + loc[..., :2] * v0 * d[:, 2:]
+        size = d[:, 2:] * torch.exp((loc[..., 2:] * v1).clamp(max=MAX_LOG_SCALE))
+        return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
