@@ -23,7 +23,7 @@ SSD300_ASPECT_RATIOS: tuple[tuple[float, ...], ...] = ((2,), (2, 3), (2, 3), (2,
 
 
 def boxes_per_location(aspect_ratios: Sequence[Sequence[float]]) -> list[int]:
-    """Number of default boxes per feature-map cell, one entry per map (SSD300: [4, 6, 6, 6, 4, 4])."""
+    """Default boxes per feature-map cell, one entry per map (SSD300: [4, 6, 6, 6, 4, 4])."""
     return [2 + 2 * len(ratios) for ratios in aspect_ratios]
 
 
