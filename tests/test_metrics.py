@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from ssd_lightning.metrics import DetectionMetrics, format_table
+
+NAMES = ["circle", "square", "triangle"]
+
+
+def scene(seed=0, num_images=6):
+    """GT boxes of all three classes and all COCO size ranges (areas 16^2 .. 150^2 px)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for _ in range(num_images):
+        n = 6
+        xy = torch.rand(n, 2, generator=g) * 300
+        side = torch.tensor([16.0, 20.0, 50.0, 60.0, 120.0, 150.0])[:, None]
+        boxes = torch.cat([xy, xy + side], dim=1)
+        labels = torch.tensor([1, 2, 3, 1, 2, 3])
+        targets.append({"boxes": boxes, "labels": labels, "difficult": torch.zeros(n, dtype=bool)})
+    return targets
+
+
+def perfect(targets):
+    return [
+        {
+            "boxes": t["boxes"].clone(),
+            "scores": torch.linspace(1, 0.5, len(t["labels"])),
+            "labels": t["labels"],
+        }
+        for t in targets
+    ]
+
+
+def test_perfect_predictions_give_one_and_all_keys():
+    targets = scene()
+    metrics = DetectionMetrics(NAMES)
+    metrics.update(perfect(targets), targets)
+    out = metrics.compute()
+    expected = {"mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large"}
+    expected |= {"mAP_voc07", "mAP_voc"}
+    expected |= {f"AP/{n}" for n in NAMES} | {f"AP_voc07/{n}" for n in NAMES}
+    assert set(out) == expected
+    assert all(isinstance(v, float) for v in out.values())
+    for key in expected:
+        assert out[key] == pytest.approx(1.0), key
+
+
+def test_per_class_keys_follow_labels():
+    # Only "square" (label 2) is detected; circle and triangle are missed entirely.
+    targets = scene()
+    preds = []
+    for p in perfect(targets):
+        keep = p["labels"] == 2
+        preds.append({k: v[keep] for k, v in p.items()})
+    metrics = DetectionMetrics(NAMES)
+    metrics.update(preds, targets)
+    out = metrics.compute()
+    assert out["AP/square"] == pytest.approx(1.0)
+    assert out["AP_voc07/square"] == pytest.approx(1.0)
+    for name in ("circle", "triangle"):
+        assert out[f"AP/{name}"] == 0.0
+        assert out[f"AP_voc07/{name}"] == 0.0
+    assert out["mAP"] == pytest.approx(1 / 3)
+    assert out["mAP_voc07"] == pytest.approx(1 / 3)
+
+
+def test_class_without_gt_is_undefined():
+    targets = [{k: v[t["labels"] != 3] for k, v in t.items()} for t in scene()]
+    metrics = DetectionMetrics(NAMES)
+    metrics.update(perfect(targets), targets)
+    out = metrics.compute()
+    assert out["AP/triangle"] == -1.0
+    assert out["AP_voc07/triangle"] == -1.0
+    assert out["mAP"] == pytest.approx(1.0)
+    assert out["mAP_voc07"] == pytest.approx(1.0)
+
+
+def test_difficult_ignored_by_both():
+    targets = scene()
+    preds = perfect(targets)
+    # Mark the two largest boxes of every image difficult and leave them undetected: with the
+    # difficult objects ignored, the remaining perfect detections still score 1.0.
+    hard_targets, hard_preds = [], []
+    for t, p in zip(targets, preds, strict=True):
+        difficult = torch.tensor([False, False, False, False, True, True])
+        hard_targets.append({**t, "difficult": difficult})
+        hard_preds.append({k: v[~difficult] for k, v in p.items()})
+    # A detection on a difficult object is neither TP nor FP either: add one, with the top score.
+    extra = hard_targets[0]["boxes"][4:5]
+    hard_preds[0] = {
+        "boxes": torch.cat([extra, hard_preds[0]["boxes"]]),
+        "scores": torch.cat([torch.tensor([2.0]), hard_preds[0]["scores"]]),
+        "labels": torch.cat([hard_targets[0]["labels"][4:5], hard_preds[0]["labels"]]),
+    }
+    metrics = DetectionMetrics(NAMES)
+    metrics.update(hard_preds, hard_targets)
+    out = metrics.compute()
+    assert out["mAP"] == pytest.approx(1.0)
+    assert out["mAP_voc07"] == pytest.approx(1.0)
+    assert out["mAP_large"] == -1.0  # the only large objects were difficult
+    # Without the difficult flags the same predictions miss objects and have a FP.
+    metrics.reset()
+    metrics.update(hard_preds, targets)
+    out = metrics.compute()
+    assert out["mAP"] < 0.9
+    assert out["mAP_voc07"] < 0.9
+
+
+def test_format_table_lists_summary_and_classes():
+    targets = scene()
+    metrics = DetectionMetrics(NAMES)
+    metrics.update(perfect(targets), targets)
+    out = metrics.compute()
+    out["AP/triangle"] = -1.0
+    table = format_table(out)
+    lines = table.splitlines()
+    assert any(line.startswith("COCO AP50") and line.endswith("1.0000") for line in lines)
+    assert any(line.startswith("VOC07 mAP") and line.endswith("1.0000") for line in lines)
+    square = next(line for line in lines if line.startswith("square"))
+    assert square.split() == ["square", "1.0000", "1.0000"]
+    assert next(line for line in lines if line.startswith("triangle")).split() == [
+        "triangle",
+        "-",
+        "1.0000",
+    ]
