@@ -135,3 +135,9 @@ def test_batched_form_equals_per_image():
     for i, (image_loc, image_target) in enumerate(per_image):
         torch.testing.assert_close(loc[i], image_loc)
         assert torch.equal(target[i], image_target)
+
+
+def test_ties_resolve_to_the_lower_index_like_the_sequential_rule():
+    iou = torch.tensor([[[0.5, 0.7, 0.7], [0.7, 0.2, 0.0]]])
+    assert bipartite_match(iou)[0].tolist() == [1, 0, -1]
+    assert torch.equal(bipartite_match(iou)[0], sequential_bipartite(iou[0]))

@@ -14,20 +14,23 @@ from torchvision.ops import box_convert
 MAX_LOG_SCALE = math.log(1000.0 / 16)
 
 
-def batched_box_iou(boxes1: Tensor, boxes2_t: Tensor) -> Tensor:
+def batched_box_iou(boxes1: Tensor, boxes2_t: Tensor, area2: Tensor | None = None) -> Tensor:
     """IoU of every box of ``boxes1`` with every box of ``boxes2``, batched.
 
     Same values as ``torchvision.ops.box_iou`` per image (torchvision has no batched form). Works
     on coordinate planes rather than an (..., 2) stack: about 4x faster on CPU.
 
     Shape:
-        boxes1: (B, G, 4) xyxy; boxes2_t: (4, A) xyxy, transposed and contiguous; returns (B, G, A).
+        boxes1: (B, G, 4) xyxy; boxes2_t: (4, A) xyxy, transposed and contiguous; area2: (A,)
+        areas of boxes2 when precomputed. Returns (B, G, A).
     """
     x1, y1, x2, y2 = (c[..., None] for c in boxes1.unbind(-1))  # (B, G, 1) each
     ax1, ay1, ax2, ay2 = boxes2_t  # (A,) each
     inter = (torch.minimum(x2, ax2) - torch.maximum(x1, ax1)).clamp_(min=0)
     inter.mul_((torch.minimum(y2, ay2) - torch.maximum(y1, ay1)).clamp_(min=0))
-    union = ((x2 - x1) * (y2 - y1)) + ((ax2 - ax1) * (ay2 - ay1)) - inter
+    if area2 is None:
+        area2 = (ax2 - ax1) * (ay2 - ay1)
+    union = ((x2 - x1) * (y2 - y1)) + area2 - inter
     return inter.div_(union)
 
 
@@ -57,7 +60,7 @@ def bipartite_match(iou: Tensor, col_max: Tensor | None = None) -> Tensor:
     if col_max is None:
         col_max = iou.amax(dim=1)
     while True:
-        row_max, row_arg = rows.max(dim=1)  # each GT's best free default box
+        row_max, row_arg = _row_max(rows)  # each GT's best free default box
         active = row_max > 0
         flat = image_of * num_default + row_arg
         accept = active & (row_max >= col_max.view(-1)[flat])
@@ -73,6 +76,14 @@ def bipartite_match(iou: Tensor, col_max: Tensor | None = None) -> Tensor:
         rows.masked_fill_(forced.view(batch, num_default)[image_of] >= 0, -1.0)
         col_max = torch.full((batch, num_default), -1.0, dtype=rows.dtype, device=rows.device)
         col_max.scatter_reduce_(0, image_of[:, None].expand_as(rows), rows, reduce="amax")
+
+
+def _row_max(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``rows.max(dim=1)`` (first index on ties); amax plus a sparse search is ~4x faster on CPU."""
+    row_max = rows.amax(dim=1)
+    row, col = (rows == row_max[:, None]).nonzero(as_tuple=True)
+    first = torch.full_like(row_max, rows.shape[1], dtype=torch.long)
+    return row_max, first.scatter_reduce_(0, row, col, reduce="amin")
 
 
 class SSDBoxCoder:
@@ -93,6 +104,7 @@ class SSDBoxCoder:
         self.default_boxes = default_boxes_cxcywh.float()
         self.default_xyxy = box_convert(self.default_boxes, "cxcywh", "xyxy")
         self.default_planes = self.default_xyxy.t().contiguous()  # (4, A) for batched_box_iou
+        self.default_area = self.default_boxes[:, 2] * self.default_boxes[:, 3]
         self.iou_threshold = float(iou_threshold)
         self.variances = (float(variances[0]), float(variances[1]))
         # targets = ((cx, cy, log w, log h) of the GT - offset) * scale, all (A, 4).
@@ -108,6 +120,7 @@ class SSDBoxCoder:
         self.default_boxes = self.default_boxes.to(device)
         self.default_xyxy = self.default_xyxy.to(device)
         self.default_planes = self.default_planes.to(device)
+        self.default_area = self.default_area.to(device)
         self.offset, self.scale = self.offset.to(device), self.scale.to(device)
         return self
 
@@ -120,7 +133,10 @@ class SSDBoxCoder:
         Shape:
             gt_boxes: (B, G, 4) normalised xyxy; valid: (B, G) bool; returns (B, A) int64.
         """
-        iou = batched_box_iou(gt_boxes, self.default_planes.to(gt_boxes.device))
+        device = gt_boxes.device
+        iou = batched_box_iou(
+            gt_boxes, self.default_planes.to(device), self.default_area.to(device)
+        )
         if not bool(valid.all()):
             iou.masked_fill_(~valid[:, :, None], -1.0)
         best_iou = iou.amax(dim=1)  # (B, A); amax and a sparse argmax beat max(dim=1) on CPU
@@ -141,14 +157,16 @@ class SSDBoxCoder:
         if boxes.shape[1] == 0:
             return boxes.new_zeros(batch, num_default, 4), labels.new_zeros(batch, num_default)
         matched = self.match(boxes, valid)
-        index = matched.clamp(min=0)
-        target_labels = torch.where(matched >= 0, labels.gather(1, index), 0)
-        # Centre and log-size of each GT once, then gathered onto the default boxes.
-        gt = box_convert(boxes, "xyxy", "cxcywh")
-        gt = torch.cat([gt[..., :2], gt[..., 2:].clamp(min=1e-8).log()], dim=-1)  # (B, G, 4)
-        gt = gt.gather(1, index[..., None].expand(-1, -1, 4))  # (B, A, 4)
-        loc = (gt - self.offset.to(gt.device)) * self.scale.to(gt.device)
-        return loc.masked_fill_((matched < 0)[..., None], 0.0), target_labels
+        # Only the positives need targets: gather their GT boxes, leave the rest at zero.
+        image, box = (matched >= 0).nonzero(as_tuple=True)
+        gt_index = matched[image, box]
+        target_labels = torch.zeros_like(matched)
+        target_labels[image, box] = labels[image, gt_index]
+        gt = box_convert(boxes[image, gt_index], "xyxy", "cxcywh")  # (P, 4)
+        gt = torch.cat([gt[:, :2], gt[:, 2:].clamp(min=1e-8).log()], dim=-1)
+        loc = boxes.new_zeros(batch, num_default, 4)
+        loc[image, box] = (gt - self.offset[box]) * self.scale[box]
+        return loc, target_labels
 
     def encode(self, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
         """Targets for one image.
