@@ -35,8 +35,10 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests scripts
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_core.py
+	$(BIN)/python scripts/bench_encoder.py
+	$(BIN)/python scripts/bench_loss_postprocess.py
 	$(BIN)/python scripts/bench_data.py
+	$(BIN)/python scripts/bench_inference.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .cache
