@@ -4,7 +4,7 @@ Sample contract (a dict), the same for every dataset:
     - ``image``: (H, W, 3) uint8 RGB, EXIF orientation applied.
     - ``boxes``: (n, 4) float32 xyxy pixels, inside the image, xmax > xmin and ymax > ymin.
     - ``labels``: (n,) int64 in 1..num_classes-1 (0 is background).
-    - ``difficult``: (n,) bool, VOC difficult objects (only present with ``keep_difficult``).
+    - ``difficult``: (n,) bool, VOC difficult objects (True only with ``keep_difficult``).
     - ``iscrowd``: (n,) bool, COCO crowd regions (ignore regions for training and evaluation).
     - ``image_id``: int; ``orig_size``: (height, width) of ``image``.
 
@@ -35,7 +35,6 @@ from ssd_lightning.data.validation import (
     DatasetReport,
     OnBadSample,
     ProblemRecorder,
-    logger,
 )
 
 Sample = dict[str, Any]
@@ -146,6 +145,3 @@ def _size_mismatch(path: str, actual: tuple[int, int], expected: Sequence[int]) 
         f"{path}: image is {actual[1]}x{actual[0]} (WxH, EXIF orientation applied) but the "
         f"annotation says {expected[1]}x{expected[0]}"
     )
-
-
-__all__ = ["DetectionDataset", "Sample", "logger", "verify_image"]
