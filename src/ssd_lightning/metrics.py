@@ -7,8 +7,13 @@ intersection with the crowd box covers >= IoU-threshold of the *detection's* are
 is only tried after every non-crowd GT; so on data with difficult objects the two can differ
 slightly beyond their interpolation.
 
-COCO evaluation keeps the 100 top-scored detections per image (its standard ``maxDets``); the VOC
-evaluator keeps all of them, as the devkit does.
+COCO evaluation keeps the 100 top-scored detections per image and class (its standard
+``maxDets``; torchmetrics' warning about more than 100 per image is switched off since SSD keeps up
+to 200 per image by design); the VOC evaluator keeps all of them, as the devkit does.
+
+Cost, measured on the 2-core CPU box: 4960 images x 200 detections take ~10 s of ``update`` and
+~45 s of ``compute``, nearly all in torchmetrics' per-box conversion to COCO format; the VOC part
+is ~0.5 s of that.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class DetectionMetrics(torch.nn.Module):
         self.coco = MeanAveragePrecision(
             box_format="xyxy", iou_type="bbox", class_metrics=True, backend=backend
         )
+        self.coco.warn_on_many_detections = False
         self.voc = VOCEvaluator(self.class_names)
 
     def update(
