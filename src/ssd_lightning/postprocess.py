@@ -41,6 +41,8 @@ class PostProcessor:
     boxes only, and every pair outside the ``m`` scores lower than all inside, so when at least
     ``max_detections`` boxes survive NMS they are the final answer. Images that end up short
     (heavy suppression) are redone with ``4 m`` pairs until all their candidates were seen.
+    Equal scores are ordered arbitrarily (as in torchvision), which can swap tied boxes at a
+    cut-off.
     """
 
     def __init__(
@@ -75,10 +77,11 @@ class PostProcessor:
         Shape:
             - loc: (B, A, 4); cls_logits: (B, A, C); image_sizes: (B, 2)
         """
-        batch, _, num_classes = cls_logits.shape
+        batch, num_anchors, num_classes = cls_logits.shape
         boxes = self.box_coder.decode(loc.float())  # (B, A, 4) normalised xyxy
-        # (B, A, C-1) -> (B, A*(C-1)): pair p is anchor p // (C-1), class p % (C-1) + 1.
-        scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:].reshape(batch, -1)
+        scores = F.softmax(cls_logits.float(), dim=-1)
+        scores[..., 0] = -1.0  # background is never a candidate (below any threshold)
+        scores = scores.view(batch, num_anchors * num_classes)  # pair p: anchor p // C, class p % C
         sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=loc.device)
         scale = sizes.flip(-1).repeat(1, 2)  # (B, 4): w, h, w, h
 
@@ -88,7 +91,7 @@ class PostProcessor:
         results: list[dict[str, Tensor]] = [{} for _ in range(batch)]
         todo = list(range(batch))
         while True:
-            detections, need_more = self._detect(boxes, scores, scale, num_classes - 1, m)
+            detections, need_more = self._detect(boxes, scores, scale, num_classes, m)
             for i, det in zip(todo, detections, strict=True):
                 results[i] = det
             if not bool(need_more.any()):
@@ -98,35 +101,36 @@ class PostProcessor:
             m = min(scores.shape[1], 4 * m)
 
     def _detect(
-        self, boxes: Tensor, scores: Tensor, scale: Tensor, num_fg: int, m: int
+        self, boxes: Tensor, scores: Tensor, scale: Tensor, num_classes: int, m: int
     ) -> tuple[list[dict[str, Tensor]], Tensor]:
         """Detections from the ``m`` best (box, class) pairs of every image.
 
         Shape:
-            - boxes: (b, A, 4) normalised xyxy; scores: (b, A*num_fg); scale: (b, 4)
+            - boxes: (b, A, 4) normalised xyxy; scores: (b, A*num_classes); scale: (b, 4)
             - returns b dicts, and need_more (b,) bool: too few survivors and pairs left unseen
         """
         b = scores.shape[0]
         top_scores, pair = scores.topk(m, dim=1)  # (b, m), best first
-        anchor, cls = pair // num_fg, pair % num_fg
+        anchor, label = pair // num_classes, pair % num_classes
         valid = top_scores > self.score_threshold
         if m > self.candidates_per_class:
-            valid &= rank_within_class(cls, num_fg) < self.candidates_per_class
+            valid &= rank_within_class(label, num_classes) < self.candidates_per_class
         exhausted = (m == scores.shape[1]) | (top_scores[:, -1] <= self.score_threshold)
 
         image = torch.arange(b, device=scores.device)[:, None].expand(b, m)[valid]  # (n,)
         cand_boxes = boxes[image, anchor[valid]].clamp(0.0, 1.0) * scale[image]  # (n, 4) pixels
-        cand_scores, cand_labels = top_scores[valid], cls[valid] + 1
+        cand_scores, cand_labels = top_scores[valid], label[valid]
         # One NMS for the batch, groups = (image, class). float64: batched_nms may offset the
         # boxes by group index * max coordinate, which would cost float32 IoU precision.
-        groups = image * num_fg + cand_labels - 1
+        groups = image * num_classes + cand_labels
         keep = batched_nms(cand_boxes.double(), cand_scores.double(), groups, self.nms_threshold)
         # keep is by decreasing score; a stable sort by image keeps that order within an image.
-        keep = keep[torch.sort(image[keep], stable=True).indices]
-        counts = torch.bincount(image[keep], minlength=b)
+        kept_image, order = torch.sort(image[keep], stable=True)
+        keep = keep[order]
+        counts = torch.bincount(kept_image, minlength=b)
         need_more = (counts < self.max_detections) & ~exhausted
         first = torch.cumsum(counts, 0) - counts  # (b,) start of every image in keep
-        rank = torch.arange(keep.numel(), device=keep.device) - first[image[keep]]
+        rank = torch.arange(keep.numel(), device=keep.device) - first[kept_image]
         keep = keep[rank < self.max_detections]
 
         per_image = counts.clamp(max=self.max_detections).tolist()
