@@ -1,0 +1,97 @@
+"""Hydra/OmegaConf helpers: resolvers and checks shared by the entry points.
+
+Resolvers (registered on import, usable in any conf/ file):
+
+- ``${boxes_per_location:${anchors.aspect_ratios}}`` -> ``[4, 6, 6, 6, 4, 4]`` for SSD300, so the
+  heads of the network and the default boxes come from one list of aspect ratios.
+- ``${count_classes:${data.class_names}}`` -> number of classes including background.
+- ``${run_id:}`` -> a name for the run folder shared by every process of a multi-process job:
+  the SLURM job id, else the torchrun run id, else a timestamp.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ssd_lightning.anchors import boxes_per_location
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _boxes_per_location(aspect_ratios: Any) -> list[int]:
+    return boxes_per_location(_to_plain(aspect_ratios))
+
+
+def _count_classes(class_names: Any) -> int:
+    names = list(_to_plain(class_names))
+    return len(names) if names[:1] == ["background"] else len(names) + 1
+
+
+def _run_id() -> str:
+    """Run folder name: identical in every process of a SLURM or torchrun job."""
+    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(var, "")
+        if value and value != "none":
+            return f"{var.split('_')[0].lower()}-{value}"
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def register_resolvers() -> None:
+    """Register the project's OmegaConf resolvers (idempotent)."""
+    resolvers = (
+        ("boxes_per_location", _boxes_per_location),
+        ("count_classes", _count_classes),
+        ("run_id", _run_id),
+    )
+    for name, fn in resolvers:
+        if not OmegaConf.has_resolver(name):
+            # run_id must not be cached per config object, or a multirun would reuse it.
+            OmegaConf.register_new_resolver(name, fn, use_cache=False)
+
+
+class MissingSettingError(ValueError):
+    """A required (``???``) setting was not given on the command line or in an experiment."""
+
+
+_HINTS = {
+    "root": "the dataset folder, e.g. data.root=/data/VOCdevkit",
+    "images": "the image folder",
+    "annotation": "the annotation file",
+}
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Raise one clear error naming every required setting that is still ``???``.
+
+    Raises:
+        MissingSettingError: listing the missing keys with the override to write.
+    """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    # hydra.* keys are filled in by Hydra itself.
+    missing = [key for key in missing if not key.startswith("hydra.")]
+    if not missing:
+        return
+    lines = []
+    for key in missing:
+        leaf = key.rsplit(".", 1)[-1]
+        hint = next((h for word, h in _HINTS.items() if word in leaf), "a value")
+        lines.append(f"  {key}=...   ({hint})")
+    raise MissingSettingError(
+        "required settings are missing; give them on the command line:\n" + "\n".join(lines)
+    )
+
+
+def to_plain(cfg: Any) -> Any:
+    """A resolved config node as plain Python containers (for checkpoints and loggers)."""
+    return _to_plain(cfg)
+
+
+register_resolvers()

@@ -1,0 +1,113 @@
+"""Evaluation entry point: ``ssd-eval ckpt_path=<file.ckpt> [experiment=... | data=...]``.
+
+Rebuilds the network and default boxes from the checkpoint alone (loaded with
+``weights_only=True``: the checkpoint holds only tensors and plain values), runs the validation
+split of the configured data through it, prints the metrics table (COCO AP, AP50, AP75,
+APs/m/l, VOC07 mAP, per-class AP) and writes the metrics as JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ssd_lightning.config import check_required
+from ssd_lightning.loss import MultiBoxLoss
+from ssd_lightning.metrics import format_table
+from ssd_lightning.module import SSDModule
+from ssd_lightning.train import build_datamodule
+
+# SSDModule arguments restored from a checkpoint's hyperparameters (all plain values).
+_PLAIN_ARGS = (
+    "image_size", "mean", "std", "iou_threshold", "variances", "score_threshold",
+    "nms_threshold", "max_detections", "class_names", "label_map",
+)  # fmt: skip
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint, loaded safely (tensors and plain containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def module_from_checkpoint(checkpoint: dict[str, Any], **overrides: Any) -> SSDModule:
+    """The SSDModule of a checkpoint, weights loaded, ready for inference.
+
+    Args:
+        checkpoint: as returned by :func:`load_checkpoint`.
+        overrides: SSDModule arguments to change (e.g. ``score_threshold``).
+    """
+    hparams = checkpoint["hyper_parameters"]
+    net_config = dict(hparams["net_config"])
+    if "backbone_weights" in net_config:
+        net_config["backbone_weights"] = None  # the checkpoint holds the trained weights
+    meta = checkpoint.get("ssd", {})
+    anchors = dict(meta.get("anchors") or hparams.get("anchors") or {})
+    anchors.pop("feature_maps", None)  # measured again on the rebuilt network
+    image_size = anchors.pop("image_size", hparams["image_size"])
+    args = {k: hparams[k] for k in _PLAIN_ARGS if k in hparams}
+    args.update(image_size=image_size, class_names=meta.get("class_names") or None)
+    args.update(overrides)
+    module = SSDModule(
+        net=instantiate(net_config),
+        loss=MultiBoxLoss(),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+        anchors=anchors,
+        net_config=net_config,
+        **args,
+    )
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    return module.eval()
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Validate a checkpoint on the configured data; print and save the metrics table."""
+    check_required(cfg)
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    module = module_from_checkpoint(checkpoint)
+    # The data must be prepared exactly as in training: take size and normalisation from it.
+    hparams = checkpoint["hyper_parameters"]
+    for key in ("image_size", "mean", "std"):
+        OmegaConf.update(cfg, f"model.{key}", hparams[key], force_add=True)
+    datamodule = build_datamodule(cfg, module)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    results = module.last_val_results
+    if trainer.is_global_zero:
+        print(format_table(results), flush=True)
+        path = Path(cfg.output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_jsonable(results), indent=2))
+        print(f"metrics written to {path}", flush=True)
+    return results
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+def main() -> None:
+    """Console script ``ssd-eval``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

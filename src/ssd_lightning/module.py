@@ -1,0 +1,318 @@
+"""LightningModule tying the SSD network, default boxes, MultiBox loss and evaluation together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from ssd_lightning.anchors import DefaultBoxes
+from ssd_lightning.encoder import SSDBoxCoder
+from ssd_lightning.metrics import DetectionMetrics
+from ssd_lightning.optim import param_groups, scaled_lr
+from ssd_lightning.postprocess import PostProcessor
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss too many optimiser steps in a row."""
+
+
+class BoxCoderMismatchError(ValueError):
+    """The DataModule encodes targets against other default boxes than the model's."""
+
+
+class SSDModule(L.LightningModule):
+    """Trains and evaluates an SSD network.
+
+    The default boxes are built here, once, from the network's measured feature-map sizes
+    (``net.feature_map_sizes(image_size)``) and the anchor settings; ``box_coder`` is the single
+    source of truth that the DataModule must use to encode targets (checked at setup).
+
+    Args:
+        net: network returning ``(loc (B, A, 4), cls_logits (B, A, C))``.
+        loss: MultiBox loss module.
+        optimizer: partial optimiser taking parameter groups (e.g. ``SGD`` with lr, momentum,
+            weight_decay).
+        scheduler: optional partial ``(optimizer, total_steps) -> LRScheduler``, stepped
+            every optimiser step (see ``ssd_lightning.optim``).
+        anchors: ``DefaultBoxes`` settings other than image size and feature maps
+            (aspect_ratios, s_min, s_max, sizes, steps, clip).
+        image_size: network input size, int or (height, width).
+        mean: input normalisation mean (0..1 pixel units), kept for display and export.
+        std: input normalisation std.
+        iou_threshold: matching threshold of the box coder.
+        variances: box-coder variances.
+        score_threshold: post-processing score threshold.
+        nms_threshold: post-processing NMS IoU threshold.
+        max_detections: detections kept per image.
+        class_names: names of classes 1..C-1, without background (taken from the DataModule
+            when None).
+        label_map: contiguous label -> dataset category id (e.g. COCO); stored in checkpoints.
+        no_decay_bias_norm: no weight decay on biases and normalisation scales.
+        batch_size: per-process batch size, for the linear lr scaling rule.
+        base_batch_size: if set, lr *= global batch size / base_batch_size.
+        compile: ``torch.compile`` the network.
+        channels_last: train in channels-last memory format (faster convolutions on GPUs).
+        max_nonfinite_steps: stop after this many non-finite losses in a row.
+        net_config: the network's config (plain dict with ``_target_``) so a checkpoint can
+            rebuild it; stored as a hyperparameter.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module,
+        optimizer: Callable[..., Optimizer],
+        scheduler: Callable[..., LRScheduler] | None = None,
+        anchors: dict[str, Any] | None = None,
+        image_size: int | Sequence[int] = 300,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        iou_threshold: float = 0.5,
+        variances: Sequence[float] = (0.1, 0.2),
+        score_threshold: float = 0.01,
+        nms_threshold: float = 0.45,
+        max_detections: int = 200,
+        class_names: Sequence[str] | None = None,
+        label_map: dict[int, int] | None = None,
+        no_decay_bias_norm: bool = True,
+        batch_size: int | None = None,
+        base_batch_size: int | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
+        max_nonfinite_steps: int = 20,
+        net_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
+        self.net = net
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.class_names = list(class_names) if class_names is not None else None
+        self.label_map = dict(label_map) if label_map is not None else None
+
+        size = [image_size] * 2 if isinstance(image_size, int) else list(image_size)
+        default_boxes = DefaultBoxes(size, net.feature_map_sizes(size), **(anchors or {}))
+        self.anchor_settings = default_boxes.settings()
+        # Persistent buffer: checkpoints carry the exact boxes the weights were trained with.
+        self.register_buffer("default_boxes", default_boxes.cxcywh.clone())
+        self.box_coder = SSDBoxCoder(default_boxes.cxcywh, iou_threshold, variances)
+        self.postprocess = PostProcessor(
+            SSDBoxCoder(default_boxes.cxcywh, iou_threshold, variances),
+            score_threshold=score_threshold,
+            nms_threshold=nms_threshold,
+            max_detections=max_detections,
+        )
+        self.val_metrics: DetectionMetrics | None = None
+        self._nonfinite_in_a_row = 0
+        self._nonfinite_total = 0
+        self._compiled = False
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self._check_box_coder(getattr(datamodule, "box_coder", None))
+        if self.class_names is None:
+            names = list(getattr(datamodule, "class_names", None) or [])
+            self.class_names = names[1:] if names[:1] == ["background"] else names
+        if self.label_map is None and getattr(datamodule, "label_map", None) is not None:
+            self.label_map = dict(datamodule.label_map)
+        if self.val_metrics is None:
+            self.val_metrics = DetectionMetrics(class_names=self.class_names)
+        if self.hparams.compile and not self._compiled:
+            self.net.compile()  # in place: state_dict keys stay those of the plain network
+            self._compiled = True
+
+    def _check_box_coder(self, coder: SSDBoxCoder | None) -> None:
+        """Raise if the DataModule encodes against other default boxes than this model."""
+        if coder is None:
+            return
+        ours = self.box_coder
+        same = (
+            coder.default_boxes.shape == ours.default_boxes.shape
+            and torch.equal(coder.default_boxes.cpu(), ours.default_boxes.cpu())
+            and coder.iou_threshold == ours.iou_threshold
+            and tuple(coder.variances) == tuple(ours.variances)
+        )
+        if not same:
+            raise BoxCoderMismatchError(
+                "the DataModule's box coder differs from the model's: "
+                f"data has {len(coder)} default boxes (iou_threshold={coder.iou_threshold}, "
+                f"variances={coder.variances}), the model has {len(ours)} built from "
+                f"{self.anchor_settings} (iou_threshold={ours.iou_threshold}, "
+                f"variances={ours.variances}). Call datamodule.set_box_coder(module.box_coder)."
+            )
+
+    def on_fit_start(self) -> None:
+        self.postprocess.box_coder.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.postprocess.box_coder.to(self.device)
+
+    def on_test_start(self) -> None:
+        self.postprocess.box_coder.to(self.device)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw network outputs.
+
+        Shape:
+            images: (B, 3, H, W) normalised; returns loc (B, A, 4) and cls_logits (B, A, C).
+        """
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    @torch.no_grad()
+    def detect(self, images: Tensor, image_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Detections in pixels of each image's original size.
+
+        Shape:
+            images: (B, 3, H, W); image_sizes: (B, 2) as (h, w). Returns B dicts with boxes
+            (n, 4) xyxy pixels, scores (n,), labels (n,).
+        """
+        loc, cls_logits = self(images)
+        return self.postprocess(loc.float(), cls_logits.float(), image_sizes)
+
+    # ---------------------------------------------------------------- training
+
+    def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
+        """Losses normalised by the global positive count, and whether any rank went non-finite.
+
+        Under DDP each rank's gradient is averaged over the world, so every rank divides its
+        summed loss by (positives over all ranks) / world_size: the average then equals the
+        loss of the global batch divided by its positives, as on one device.
+        """
+        loc, cls_logits = self(batch["images"])
+        labels = batch["labels"]
+        sums = self.loss(loc, cls_logits, batch["loc_targets"], labels, num_positives=1.0)
+        local = torch.stack([(labels > 0).sum().float(), (~torch.isfinite(sums["loss"])).float()])
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            local = self.trainer.strategy.reduce(local.detach(), reduce_op="sum")
+        normaliser = (local[0] / world).clamp(min=1.0)
+        return {k: v / normaliser for k, v in sums.items()}, local[1] > 0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        losses, nonfinite = self._losses(batch)
+        if bool(nonfinite):
+            return self._skip_nonfinite(losses)
+        self._nonfinite_in_a_row = 0
+        size = batch["images"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=size)
+        return losses["loss"]
+
+    def _skip_nonfinite(self, losses: dict[str, Tensor]) -> None:
+        """Skip the step (no backward, no update); every rank decides alike."""
+        self._nonfinite_in_a_row += 1
+        self._nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self._nonfinite_total), batch_size=1)
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        rank_zero_warn(
+            f"non-finite loss at step {self.global_step} ({values}); step skipped "
+            f"({self._nonfinite_in_a_row} in a row, {self._nonfinite_total} in total)"
+        )
+        limit = self.hparams.max_nonfinite_steps
+        if self._nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"training stopped: {self._nonfinite_in_a_row} non-finite losses in a row "
+                f"(max_nonfinite_steps={limit}) at step {self.global_step}. Try a lower "
+                "learning rate or longer warm-up, check the data for broken boxes, or train "
+                "in 32-bit precision."
+            )
+        return None
+
+    # ---------------------------------------------------------------- validation
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Tensor]]:
+        loc, cls_logits = self(batch["images"])
+        labels = batch["labels"]
+        losses = self.loss(loc, cls_logits, batch["loc_targets"], labels)
+        size = batch["images"].shape[0]
+        self.log("val/loss", losses["loss"], batch_size=size, sync_dist=True)
+        preds = self.postprocess(loc.float(), cls_logits.float(), batch["orig_sizes"])
+        self.val_metrics.update(preds, _targets(batch))
+        return preds
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.last_val_results = results
+        for name, value in _flat_scalars(results).items():
+            # Identical on every rank: the metric state was gathered before compute().
+            self.log(f"val/{name}", value, prog_bar=name in ("mAP", "mAP_50"), sync_dist=False)
+
+    # ---------------------------------------------------------------- optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = param_groups(self.net, self.hparams.no_decay_bias_norm)
+        optimizer = self.optimizer_factory(groups)
+        if self.hparams.base_batch_size is not None:
+            world = self.trainer.world_size * self.trainer.accumulate_grad_batches
+            global_batch = (self.hparams.batch_size or 1) * world
+            for group in optimizer.param_groups:
+                group["lr"] = scaled_lr(group["lr"], global_batch, self.hparams.base_batch_size)
+                group["initial_lr"] = group["lr"]
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ssd"] = {
+            "anchors": self.anchor_settings,
+            "class_names": list(self.class_names or []),
+            "label_map": {int(k): int(v) for k, v in (self.label_map or {}).items()},
+            "iou_threshold": self.box_coder.iou_threshold,
+            "variances": list(self.box_coder.variances),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("ssd", {})
+        if meta.get("class_names"):
+            self.class_names = list(meta["class_names"])
+        if meta.get("label_map"):
+            self.label_map = {int(k): int(v) for k, v in meta["label_map"].items()}
+
+
+def _targets(batch: dict[str, Any]) -> list[dict[str, Tensor]]:
+    """Ground truth of a batch in the metric's format (pixels of the original image)."""
+    return [
+        {"boxes": boxes, "labels": labels, "difficult": difficult}
+        for boxes, labels, difficult in zip(
+            batch["gt_boxes"], batch["gt_labels"], batch["gt_difficult"], strict=True
+        )
+    ]
+
+
+def _flat_scalars(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Scalars of a (possibly nested) results dict, nested keys joined with '/'."""
+    flat: dict[str, float] = {}
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_scalars(value, f"{name}/"))
+        elif (isinstance(value, Tensor) and value.numel() == 1) or isinstance(value, int | float):
+            flat[name] = float(value)
+    return flat
+
+
+__all__ = ["BoxCoderMismatchError", "NonFiniteLossError", "SSDModule"]
