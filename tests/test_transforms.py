@@ -2,9 +2,12 @@ import albumentations as A
 import cv2
 import numpy as np
 import pytest
+import torch
+from albumentations.pytorch import ToTensorV2
 
 from ssd_lightning.data.transforms import (
     DetectionTransform,
+    NormalizeToTensor,
     SSDPhotometricDistort,
     SSDRandomIoUCrop,
     SSDZoomOut,
@@ -344,3 +347,25 @@ def test_detection_transform_accepts_samples_without_flags():
     del sample["iscrowd"], sample["difficult"]
     out = DetectionTransform(build_eval_transform(300, MEAN, STD).compose.transforms)(sample)
     assert not out["iscrowd"].any() and not out["difficult"].any() and len(out["labels"]) == 3
+
+
+def test_normalize_to_tensor_matches_albumentations():
+    image = np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    ours = NormalizeToTensor(MEAN, STD)(image=image)["image"]
+    reference = A.Compose([A.Normalize(mean=MEAN, std=STD), ToTensorV2()])(image=image)["image"]
+    assert ours.shape == (3, 30, 40) and ours.is_contiguous() and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_crop_with_size_resizes_the_patch():
+    crop = SSDRandomIoUCrop(min_ious=(0.3,), size=(50, 60))
+    sample = painted_sample()
+    for _ in range(10):
+        out = compose(crop)(image=sample["image"], bboxes=sample["boxes"], labels=sample["labels"])
+        x0, y0, x1, y1 = crop.params["crop_coords"]
+        assert out["image"].shape == (50, 60, 3)
+        # Boxes are in the resized patch's pixels.
+        scale = np.array([60 / (x1 - x0), 50 / (y1 - y0)] * 2)
+        kept = np.isin(sample["labels"], out["labels"])
+        shifted = np.clip(sample["boxes"][kept] - [x0, y0, x0, y0], 0, [x1 - x0, y1 - y0] * 2)
+        np.testing.assert_allclose(out["bboxes"], shifted * scale, atol=1e-2)
