@@ -295,8 +295,9 @@ class SSDDataModule(LightningDataModule):
             if dataset is None or split in self._wrapped:
                 continue
             self._wrapped[split] = SSDTargetDataset(dataset, transform, assigner)
-            summary = dataset.summary() if hasattr(dataset, "summary") else None
-            log.info("%s dataset: %d images\n%s", split, len(dataset), summary or "")
+            if self.trainer is None or self.trainer.is_global_zero:
+                summary = dataset.summary() if hasattr(dataset, "summary") else ""
+                log.info("%s dataset: %d images\n%s", split, len(dataset), summary)
 
     def _wrapped_split(self, split: str) -> SSDTargetDataset:
         if split not in self._wrapped:

@@ -11,7 +11,11 @@ Boxes enter and leave as absolute xyxy pixels (albumentations 'pascal_voc'). Ins
 albumentations hands a DualTransform its boxes as an (N, 4 + K) float array, xyxy normalised to
 the current image, with the K label fields appended as columns, so a transform that drops rows
 keeps labels, crowd and difficult flags aligned. Boxes narrower or lower than `min_box_size`
-pixels after any step are dropped (torchvision's SanitizeBoundingBoxes rule).
+pixels at the end of the pipeline are dropped (torchvision's SanitizeBoundingBoxes rule).
+
+Training order: photometric distortion and channel swap (on the decoded image, as Caffe),
+zoom-out, crop + resize in one step, flip (after the resize: the same result on fewer
+pixels), normalise into a CHW float tensor.
 """
 
 from __future__ import annotations
@@ -57,9 +61,9 @@ class SSDPhotometricDistort(A.ImageOnlyTransform):
     brightness, then either contrast -> saturation -> hue or saturation -> hue -> contrast
     (chance 1/2 each), every step applied with probability `op_prob`. Pixel values saturate to
     [0, 255] after every step, as Caffe's uint8 OpenCV code does. Brightness and contrast are
-    256-entry LUTs (fused when adjacent); saturation and hue are one LUT in OpenCV's full-range
-    uint8 HSV (hue in 256 steps per turn), so the whole distortion costs at most one HSV round
-    trip. The channel swap of the recipe is albumentations' ChannelShuffle.
+    256-entry LUTs (fused when adjacent); saturation and hue are LUTs on the S and H planes of
+    OpenCV's full-range uint8 HSV (hue in 256 steps per turn), so the whole distortion costs at
+    most one HSV round trip. The channel swap of the recipe is albumentations' ChannelShuffle.
 
     Deviation: ``hue_delta`` is in degrees (ssd.pytorch, 18 deg); Caffe adds 18 to OpenCV's
     half-degree hue unit, i.e. 36 deg, without wrap-around.
