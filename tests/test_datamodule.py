@@ -182,7 +182,7 @@ def test_distributed_eval_covers_every_image_once():
     seen = []
     for rank in range(3):
         dm = datamodule(val_dataset=TinyDataset(10), batch_size=2)
-        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank)
+        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank, is_global_zero=rank == 0)
         loader = dm.val_dataloader()
         # A DistributedSampler subclass: Lightning keeps it instead of a padding sampler.
         assert isinstance(loader.sampler, DistributedSampler)
