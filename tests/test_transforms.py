@@ -369,3 +369,8 @@ def test_crop_with_size_resizes_the_patch():
         kept = np.isin(sample["labels"], out["labels"])
         shifted = np.clip(sample["boxes"][kept] - [x0, y0, x0, y0], 0, [x1 - x0, y1 - y0] * 2)
         np.testing.assert_allclose(out["bboxes"], shifted * scale, atol=1e-2)
+
+
+def test_normalisation_in_pixel_units_is_rejected():
+    with pytest.raises(ValueError, match="0-1 units"):
+        build_eval_transform(300, (123.0, 117.0, 104.0), (1.0, 1.0, 1.0))

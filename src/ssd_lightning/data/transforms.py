@@ -389,6 +389,8 @@ class NormalizeToTensor(A.ImageOnlyTransform):
         values = np.arange(256, dtype=np.float64) / 255.0
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean {self.mean} and std {self.std} differ in length")
+        if max(self.mean) > 1.0 or min(self.std) <= 0.0:
+            raise ValueError(f"mean/std must be in 0-1 units (torchvision), got {mean}, {std}")
         self._luts = [
             ((values - m) / s).astype(np.float32) for m, s in zip(self.mean, self.std, strict=True)
         ]
