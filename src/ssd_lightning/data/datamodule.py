@@ -16,12 +16,11 @@ Batch (dict):
 DDP: Lightning injects a DistributedSampler for training. For validation and test it would
 inject one too, and that sampler pads the last rank by repeating images, which double-counts
 them in mAP. When the trainer runs several processes (``trainer.world_size > 1``), val/test
-loaders therefore
-carry Lightning's ``UnrepeatedDistributedSampler`` (indices ``rank::world_size``, no padding);
-being a DistributedSampler subclass, Lightning leaves it in place under the default
-``use_distributed_sampler=True``. Ranks may then run one batch fewer than others: evaluation
-must sync once per epoch (torchmetrics, ``self.log(..., on_epoch=True, sync_dist=True)``), never
-per step.
+loaders therefore carry Lightning's ``UnrepeatedDistributedSampler`` (indices
+``rank::world_size``, no padding); being a DistributedSampler subclass, Lightning leaves it in
+place under the default ``use_distributed_sampler=True``. Ranks may then run one batch fewer
+than others: evaluation must sync once per epoch (torchmetrics, ``self.log(..., on_epoch=True,
+sync_dist=True)``), never per step.
 """
 
 from __future__ import annotations
