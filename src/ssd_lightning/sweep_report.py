@@ -1,0 +1,306 @@
+"""Sweep report: ``ssd-sweep-report <multirun folder> [--out DIR]``.
+
+Scans the run folders of a Hydra multirun (any folder holding ``.hydra/overrides.yaml``) and
+writes one table of every run: the swept overrides, best val/mAP, last val/mAP, mAP_50 and
+mAP_small, training time and status. Failed runs are listed, not hidden. Writes
+``sweep_report.csv`` (all overrides in full), ``sweep_report.md`` (printed too) and one PNG per
+swept parameter of mAP against it (numeric axis where every value is a number, categorical
+otherwise) into ``--out`` (default ``<multirun folder>/report``).
+
+Status and time come from ``job_status.json``, written into each run folder by the Hydra
+callback :class:`JobStatusCallback` (the ``conf/sweep/*`` configs enable it): ``finished`` or
+``failed`` with the exception, and the job's wall time. Without it: ``finished`` when
+``metrics.json`` exists, ``failed`` when a log file ends in an exception, else ``incomplete``
+(killed, or still running); the time is then ``train_time_s`` of ``metrics.json`` if present,
+else the time from the run's ``.hydra/config.yaml`` (written at job start) to its newest file.
+
+TensorBoard's HParams view reads the same sweep: every run logs its resolved config with its
+final metrics (``hp/mAP``, ``hp/mAP_50``, ``hp/best_mAP``), so
+``tensorboard --logdir <multirun folder>`` shows all runs side by side under HPARAMS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+METRIC_COLUMNS = ("best_mAP", "mAP", "mAP_50", "mAP_small")
+_METRIC_KEYS = {"mAP": "val/mAP", "mAP_50": "val/mAP_50", "mAP_small": "val/mAP_small"}
+# The last line of a Python traceback, e.g. "ValueError: anchors: steps needs 6 entries".
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*$")
+
+
+class JobStatusCallback(Callback):
+    """Hydra callback: writes ``<run folder>/job_status.json`` with status, error and time.
+
+    Hydra keeps a failed job's exception in the launching process only (nothing reaches the
+    run folder); this records it where ``ssd-sweep-report`` looks. Enable with
+    ``hydra.callbacks.job_status._target_=ssd_lightning.sweep_report.JobStatusCallback``.
+    Processes of rank > 0 started by torchrun/SLURM (no saved config) write nothing.
+    """
+
+    def __init__(self) -> None:
+        self._start = time.time()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._start = time.time()
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        if config.hydra.output_subdir is None or rank != 0:
+            return
+        failed = job_return.status == JobStatus.FAILED
+        error = job_return._return_value if failed else None  # .return_value would re-raise
+        status = {
+            "status": "failed" if failed else "finished",
+            "error": f"{type(error).__name__}: {error}" if failed else None,
+            "time_s": time.time() - self._start,
+        }
+        path = Path(config.hydra.runtime.output_dir) / "job_status.json"
+        path.write_text(json.dumps(status, indent=2))
+
+
+def scan_multirun(folder: str | Path) -> list[dict[str, Any]]:
+    """One record per run folder of a multirun, sorted by folder name (numbers numerically).
+
+    Returns:
+        Dicts with ``run`` (folder relative to ``folder``), ``overrides`` (key -> value
+        strings as given to Hydra), ``status``, ``error``, ``time_s`` and the metrics of
+        ``METRIC_COLUMNS`` (None when absent).
+    """
+    folder = Path(folder)
+    runs = [p.parent.parent for p in folder.rglob("overrides.yaml") if p.parent.name == ".hydra"]
+    return [_read_run(run, folder) for run in sorted(runs, key=lambda p: _natural_key(p, folder))]
+
+
+def _natural_key(path: Path, root: Path) -> list[Any]:
+    parts = re.split(r"(\d+)", str(path.relative_to(root)))
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
+
+
+def _read_run(run: Path, root: Path) -> dict[str, Any]:
+    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+    record: dict[str, Any] = {
+        "run": str(run.relative_to(root)) if run != root else ".",
+        "overrides": dict(_split_override(o) for o in overrides),
+    }
+    metrics_file = run / "metrics.json"
+    metrics = _read_json(metrics_file)
+    record["best_mAP"] = metrics.get("best_mAP", metrics.get("val/mAP"))
+    for column, key in _METRIC_KEYS.items():
+        record[column] = metrics.get(key)
+    job = _read_json(run / "job_status.json")
+    if job.get("status"):
+        status, error = job["status"], job.get("error")
+    elif metrics_file.is_file():
+        status, error = "finished", None
+    else:
+        error = _error_from_logs(run)
+        status = "failed" if error else "incomplete"
+    record["status"], record["error"] = status, error
+    time_s = job.get("time_s", metrics.get("train_time_s"))
+    record["time_s"] = time_s if time_s is not None else _time_from_files(run, metrics_file)
+    return record
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _split_override(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def _error_from_logs(run: Path) -> str | None:
+    """The last exception line of the run's log files, if any."""
+    error = None
+    for log in sorted(run.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if _ERROR_LINE.match(line.strip()):
+                error = line.strip()
+    return error
+
+
+def _time_from_files(run: Path, metrics_file: Path) -> float | None:
+    start_file = run / ".hydra" / "config.yaml"
+    if not start_file.is_file():
+        return None
+    if metrics_file.is_file():
+        end = metrics_file.stat().st_mtime
+    else:
+        end = max(p.stat().st_mtime for p in run.rglob("*") if p.is_file())
+    return max(0.0, end - start_file.stat().st_mtime)
+
+
+def swept_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between runs (or is missing in some), in order."""
+    keys: list[str] = []
+    for record in records:
+        keys += [k for k in record["overrides"] if k not in keys]
+    return [k for k in keys if len({r["overrides"].get(k) for r in records}) > 1]
+
+
+def table_rows(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and rows of the report table (swept overrides, metrics, time, status)."""
+    params = swept_keys(records)
+    columns = ["run", *params, *METRIC_COLUMNS, "time_s", "status", "error"]
+    rows = [
+        {
+            "run": r["run"],
+            **{k: r["overrides"].get(k, "") for k in params},
+            **{k: r[k] for k in (*METRIC_COLUMNS, "time_s", "status", "error")},
+        }
+        for r in records
+    ]
+    return columns, rows
+
+
+def write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """The table plus a column with every override of the run."""
+    columns, rows = table_rows(records)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, [*columns, "overrides"])
+        writer.writeheader()
+        for row, record in zip(rows, records, strict=True):
+            overrides = " ".join(f"{k}={v}" for k, v in record["overrides"].items())
+            writer.writerow({**row, "overrides": overrides})
+
+
+def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+    """The table as Markdown, preceded by the overrides that all runs share."""
+    columns, rows = table_rows(records)
+    params = set(swept_keys(records))
+    common = {k: v for r in records for k, v in r["overrides"].items() if k not in params}
+    lines = [f"{len(records)} runs; common overrides: " + _common_text(common), ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        cells = [_cell(row[c], 1 if c == "time_s" else 4) for c in columns]
+        cells[-1] = cells[-1].splitlines()[0][:120] if cells[-1] else ""  # first error line
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _common_text(common: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in common.items()) or "none"
+
+
+def _cell(value: Any, decimals: int) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{decimals}f}"
+    return str(value).replace("|", "\\|")
+
+
+def plot_swept(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """One PNG per swept parameter: best mAP and mAP_50 of every finished run against it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in records if r["status"] == "finished"]
+    paths = []
+    for key in swept_keys(records):
+        values = [r["overrides"].get(key, "") for r in done]
+        numbers = [_number(v) for v in values]
+        numeric = all(n is not None for n in numbers)
+        categories = sorted(set(values), key=lambda v: (_number(v) is None, _number(v) or 0, v))
+        xs = numbers if numeric else [categories.index(v) for v in values]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for color, (column, marker) in enumerate((("best_mAP", "o"), ("mAP_50", "s"))):
+            ys = [r[column] for r in done]
+            points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+            style = {"color": f"C{color}"}
+            ax.scatter(*_columns(points), marker=marker, label=column, **style)
+            if numeric:  # mean over the other swept parameters, joined by a line
+                ax.plot(*_columns(_means(points)), alpha=0.5, **style)
+            else:  # mean as a bar across the category
+                ax.scatter(*_columns(_means(points)), marker="_", s=600, alpha=0.6, **style)
+        if not numeric:
+            ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right", fontsize=7)
+        ax.set_xlabel(key)
+        ax.set_ylabel("validation mAP")
+        ax.set_title(f"mAP against {key} ({len(done)} finished runs)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"mAP_vs_{_file_name(key)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _file_name(key: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", key)
+
+
+def _number(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _columns(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _means(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Mean y per x, by increasing x (the other swept parameters averaged out)."""
+    groups: dict[float, list[float]] = {}
+    for x, y in points:
+        groups.setdefault(x, []).append(y)
+    return [(x, sum(ys) / len(ys)) for x, ys in sorted(groups.items())]
+
+
+def report(folder: str | Path, out_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Scan a multirun, write CSV, Markdown and plots, print the Markdown table."""
+    folder = Path(folder)
+    records = scan_multirun(folder)
+    if not records:
+        raise FileNotFoundError(f"{folder}: no run folders (.hydra/overrides.yaml) found")
+    out = Path(out_dir) if out_dir is not None else folder / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(records, out / "sweep_report.csv")
+    text = markdown_table(records)
+    (out / "sweep_report.md").write_text(text + "\n")
+    plots = plot_swept(records, out)
+    print(text)
+    finished = [r for r in records if r["status"] == "finished" and r["best_mAP"] is not None]
+    if finished:
+        best = max(finished, key=lambda r: r["best_mAP"])
+        print(f"\nbest: run {best['run']} best_mAP {best['best_mAP']:.4f}")
+    print(f"\nwritten: {out / 'sweep_report.csv'}, {out / 'sweep_report.md'}, {len(plots)} plots")
+    print(f"TensorBoard HParams view: tensorboard --logdir {folder}")
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script ``ssd-sweep-report``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="multirun folder (hydra.sweep.dir)")
+    parser.add_argument("--out", default=None, help="output folder (default: <folder>/report)")
+    args = parser.parse_args(argv)
+    report(args.folder, args.out)
+
+
+if __name__ == "__main__":
+    main()
