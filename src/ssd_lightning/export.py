@@ -1,0 +1,240 @@
+"""ONNX export: ``ssd-export ckpt_path=<file.ckpt> format=onnx [postprocess=true]``.
+
+Two graphs, both with a dynamic batch axis, exported with ``torch.onnx.export(dynamo=True)``
+(needs the export extra: onnx, onnxscript; onnxruntime to check the result):
+
+- network only (default): ``images (B, 3, H, W)`` normalised as in training -> ``loc (B, A, 4)``
+  offsets and ``cls_logits (B, A, C)``;
+- ``postprocess=true``: the network plus decoding, softmax, score threshold and per-class NMS
+  (torchvision ``nms``, an ONNX ``NonMaxSuppression``): ``images``, ``image_sizes (B, 2)`` as
+  (h, w) -> ``boxes (N, 4)`` xyxy pixels of each image's size, ``scores (N,)``, ``labels (N,)``
+  in 1..C-1 and ``batch_index (N,)``, by decreasing score within each image.
+
+The input size, normalisation, class names, label map (dataset category id -> label) and
+post-processing settings are stored in the ONNX metadata (JSON values).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torchvision.ops import nms
+
+from ssd_lightning.encoder import SSDBoxCoder
+from ssd_lightning.evaluate import load_checkpoint, module_from_checkpoint
+from ssd_lightning.module import SSDModule
+
+
+class SSDWithPostprocess(nn.Module):
+    """An SSD network followed by its post-processing, in exportable form.
+
+    The same steps as ``ssd_lightning.postprocess.PostProcessor`` (SSD paper, Sec. 3), with a
+    fixed candidate pool instead of its exact adaptive one: each image sends its
+    ``candidates`` best (box, class) pairs scoring above ``score_threshold`` to one NMS whose
+    groups are (image, class). The detections equal ``PostProcessor``'s whenever no class has
+    more than 200 and no image more than ``candidates`` pairs above the threshold.
+
+    Args:
+        net: network returning ``(loc (B, A, 4), cls_logits (B, A, C))``.
+        box_coder: the box coder of the default boxes the network was trained with.
+        score_threshold: keep class scores strictly above this.
+        nms_threshold: IoU above which NMS suppresses a lower-scoring box of the same class.
+        max_detections: detections kept per image.
+        candidates: (box, class) pairs per image that enter NMS.
+
+    Shape:
+        - images: (B, 3, H, W); image_sizes: (B, 2) as (h, w)
+        - output: boxes (N, 4) xyxy pixels, scores (N,), labels (N,), batch_index (N,)
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        box_coder: SSDBoxCoder,
+        score_threshold: float = 0.01,
+        nms_threshold: float = 0.45,
+        max_detections: int = 200,
+        candidates: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.box_coder = box_coder
+        self.score_threshold = float(score_threshold)
+        self.nms_threshold = float(nms_threshold)
+        self.max_detections = int(max_detections)
+        self.candidates = int(candidates)
+
+    def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        loc, cls_logits = self.net(images)
+        boxes = self.box_coder.decode(loc).clamp(0.0, 1.0)  # (B, A, 4) normalised xyxy
+        scores = F.softmax(cls_logits, dim=-1)[..., 1:]  # (B, A, K), K = C - 1 without background
+        b, a, k = scores.shape
+        m = min(self.candidates, a * k)
+        top, pair = scores.reshape(b, a * k).topk(m, dim=1)  # (B, m), best first
+        anchor, label = pair // k, pair % k + 1
+        boxes = boxes.gather(1, anchor.unsqueeze(-1).expand(b, m, 4))  # (B, m, 4)
+        scale = image_sizes.to(boxes.dtype).flip(-1).repeat(1, 2).unsqueeze(1)  # (B, 1, 4)
+        image = torch.arange(b, device=images.device).unsqueeze(1).expand(b, m)
+        valid = top > self.score_threshold
+        boxes, pixels = boxes[valid], (boxes * scale)[valid]  # (n, 4)
+        top, label, image = top[valid], label[valid], image[valid]
+        # One NMS for all groups: shift each (image, class) group to its own unit square
+        # (boxes are in [0, 1]), so boxes of different groups never overlap.
+        group = (image * (k + 1) + label).to(boxes.dtype)
+        keep = nms(boxes + 1.1 * group.unsqueeze(1), top, self.nms_threshold)  # by score
+        # Rank of each kept box among the kept boxes of its image, to cap them per image.
+        same = image[keep].unsqueeze(0) == torch.arange(b, device=images.device).unsqueeze(1)
+        rank = same.cumsum(1).gather(0, image[keep].unsqueeze(0)).squeeze(0) - 1
+        keep = keep[rank < self.max_detections]
+        return pixels[keep], top[keep], label[keep], image[keep]
+
+
+def with_postprocess(module: SSDModule, candidates: int = 1000) -> SSDWithPostprocess:
+    """The module's network and post-processing settings as one exportable model (CPU)."""
+    post = module.postprocess
+    coder = module.box_coder
+    return SSDWithPostprocess(
+        module.net,
+        SSDBoxCoder(module.default_boxes.cpu(), coder.iou_threshold, coder.variances),
+        score_threshold=post.score_threshold,
+        nms_threshold=post.nms_threshold,
+        max_detections=post.max_detections,
+        candidates=candidates,
+    )
+
+
+def export_onnx(
+    module: SSDModule,
+    path: str | Path,
+    postprocess: bool = False,
+    opset: int = 18,
+    candidates: int = 1000,
+) -> Path:
+    """Export an SSDModule's network (and optionally its post-processing) to ONNX.
+
+    Post-processing thresholds are the module's (``module_from_checkpoint(...,
+    score_threshold=...)`` to change them).
+
+    Returns:
+        The path of the ``.onnx`` file written.
+    """
+    module = module.eval().cpu()
+    h, w = _size_hw(module.hparams.image_size)
+    images = torch.zeros(2, 3, h, w)  # batch 2: a batch of 1 would be specialised to 1
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if postprocess:
+        model: nn.Module = with_postprocess(module, candidates)
+        args: tuple[Tensor, ...] = (images, torch.tensor([[h, w]] * 2))
+        names = (["images", "image_sizes"], ["boxes", "scores", "labels", "batch_index"])
+        dynamic: dict[str, Any] = {"images": {0: batch}, "image_sizes": {0: batch}}
+    else:
+        model, args = module.net, (images,)
+        names = (["images"], ["loc", "cls_logits"])
+        dynamic = {"images": {0: batch}}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model.eval(),
+            args,
+            input_names=names[0],
+            output_names=names[1],
+            dynamic_shapes=dynamic,
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    program.model.metadata_props.update(_metadata(module, postprocess))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(path, external_data=False)
+    return path
+
+
+def _size_hw(image_size: Any) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+def _metadata(module: SSDModule, postprocess: bool) -> dict[str, str]:
+    hparams = module.hparams
+    meta = {
+        "image_size": list(_size_hw(hparams.image_size)),
+        "mean": list(hparams.mean),
+        "std": list(hparams.std),
+        "class_names": list(module.class_names or []),
+        "label_map": {str(k): v for k, v in (module.label_map or {}).items()},
+        "postprocess": postprocess,
+    }
+    if postprocess:
+        post = module.postprocess
+        meta.update(score_threshold=post.score_threshold, nms_threshold=post.nms_threshold)
+        meta.update(max_detections=post.max_detections)
+    return {key: json.dumps(value) for key, value in meta.items()}
+
+
+def check_onnx(path: str | Path, model: nn.Module, inputs: tuple[Tensor, ...]) -> list[float]:
+    """Max absolute difference of every output between onnxruntime and PyTorch.
+
+    Raises:
+        AssertionError: if an output's shape differs.
+    """
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=True)}
+    with torch.no_grad():
+        expected = model.eval()(*inputs)
+    diffs = []
+    for got, want in zip(session.run(None, feeds), expected, strict=True):
+        assert got.shape == tuple(want.shape), f"{got.shape} != {tuple(want.shape)}"
+        diff = (torch.from_numpy(got).double() - want.double()).abs()
+        diffs.append(float(diff.max()) if diff.numel() else 0.0)
+    return diffs
+
+
+def export(cfg: DictConfig) -> Path:
+    """The ``ssd-export`` app: export, then check the result in onnxruntime."""
+    if cfg.format != "onnx":
+        raise ValueError(f"format={cfg.format!r}: only onnx is supported")
+    for name in ("onnxscript", "onnx_ir"):  # their graph-optimiser notes, one per pass
+        logging.getLogger(name).setLevel(logging.WARNING)
+    thresholds = {k: cfg[k] for k in ("score_threshold", "nms_threshold", "max_detections")}
+    overrides = {k: v for k, v in thresholds.items() if v is not None}
+    module = module_from_checkpoint(load_checkpoint(cfg.ckpt_path), **overrides)
+    ckpt = Path(cfg.ckpt_path)
+    default = ckpt.with_suffix(".postprocess.onnx" if cfg.postprocess else ".onnx")
+    path = export_onnx(module, cfg.output or default, cfg.postprocess, cfg.opset, cfg.candidates)
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB)", flush=True)
+    if cfg.check:
+        h, w = _size_hw(module.hparams.image_size)
+        images = torch.randn(3, 3, h, w)
+        if cfg.postprocess:
+            post = with_postprocess(module, cfg.candidates)
+            diffs = check_onnx(path, post, (images, torch.tensor([[h, w]] * 3)))
+        else:
+            diffs = check_onnx(path, module.net, (images,))
+        print(f"onnxruntime vs PyTorch, max abs difference per output: {diffs}", flush=True)
+    return path
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
+def _hydra_main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+def main() -> None:
+    """Console script ``ssd-export``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
