@@ -225,7 +225,7 @@ def test_job_status_callback_skips_ranks_without_run_folder(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_report_on_a_real_tiny_multirun(tmp_path: Path) -> None:
-    """Two tiny runs through ``ssd-train -m`` (one fails on purpose), then the report."""
+    """Two tiny runs through ``ssd-train -m`` (one fails on purpose), the report, TensorBoard."""
     command = [
         sys.executable, "-m", "ssd_lightning.train", "-m", "experiment=tiny", "+sweep=neg_pos",
         "loss.neg_pos_ratio=1", "anchors.steps=null,[1]", "trainer.max_epochs=1",
@@ -239,3 +239,15 @@ def test_report_on_a_real_tiny_multirun(tmp_path: Path) -> None:
     assert "steps needs 4 entries" in records[1]["error"]
     assert 0.0 <= records[0]["best_mAP"] <= 1.0 and records[0]["time_s"] > 0
     assert (tmp_path / "multi" / "report" / "mAP_vs_anchors.steps.png").is_file()
+
+    # TensorBoard's HParams view of the multirun folder: the finished run with its settings.
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path / "multi"))
+    mux.Reload()
+    content = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)["0/tensorboard"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content[metadata.SESSION_START_INFO_TAG])
+    assert start.session_start_info.hparams["loss.neg_pos_ratio"].number_value == 1.0
+    assert "hp/best_mAP" in mux.GetAccumulator("0/tensorboard").Tags()["scalars"]
