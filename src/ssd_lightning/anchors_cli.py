@@ -79,7 +79,7 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
     configs = {main_name: to_plain(cfg.anchors)}
     configs.update({Path(name).stem: _load_anchors(name) for name in cfg.compare})
     anchors = {
-        name: DefaultBoxes(image_size, feature_maps, **settings)
+        name: _default_boxes(name, image_size, feature_maps, settings)
         for name, settings in configs.items()
     }
     suggestion = None
@@ -128,6 +128,18 @@ def network_geometry(model_cfg: DictConfig) -> tuple[list[int], list[tuple[int, 
     size = to_plain(model_cfg.image_size)
     size = [size, size] if isinstance(size, int) else list(size)
     return size, net.feature_map_sizes(size)
+
+
+def _default_boxes(
+    name: str, image_size: list[int], feature_maps: list[tuple[int, int]], settings: dict
+) -> DefaultBoxes:
+    try:
+        return DefaultBoxes(image_size, feature_maps, **settings)
+    except ValueError as e:
+        raise ValueError(
+            f"anchor config {name!r} does not fit the network ({len(feature_maps)} feature maps "
+            f"{feature_maps} at input {image_size}): {e}"
+        ) from e
 
 
 def _anchors_choice() -> str:
