@@ -17,7 +17,7 @@ from ssd_lightning.config import compose_config
 from ssd_lightning.data import read_image
 from ssd_lightning.data.transforms import build_eval_transform
 from ssd_lightning.evaluate import load_checkpoint, module_from_checkpoint
-from ssd_lightning.export import export_onnx
+from ssd_lightning.export import export_onnx, matched_detections
 from ssd_lightning.predict import category_ids_of, predict
 from ssd_lightning.train import train
 
@@ -222,3 +222,16 @@ def test_export_cli_checks_in_onnxruntime(run, tmp_path: Path) -> None:
     diffs = json.loads(done.stdout.split("per output: ")[1].splitlines()[0])
     assert len(diffs) == 2 and max(diffs) < 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "model.onnx"]
+
+
+def test_matched_detections_ignores_order_but_not_labels_or_images() -> None:
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 30.0]])
+    want = (boxes, torch.tensor([0.9, 0.8]), torch.tensor([1, 2]), torch.tensor([0, 0]))
+    swapped = tuple(t.flip(0) for t in want)
+    assert matched_detections(swapped, want) == 1.0
+    relabelled = (boxes, want[1], torch.tensor([1, 3]), want[3])
+    assert matched_detections(relabelled, want) == 0.5
+    other_image = (boxes, want[1], want[2], torch.tensor([0, 1]))
+    assert matched_detections(other_image, want) == 0.5
+    moved = (boxes + torch.tensor([0.0, 0.0, 1.0, 0.0]), *want[1:])
+    assert matched_detections(moved, want) == 0.0  # IoU 0.91 and 0.94 < 0.99

@@ -137,6 +137,18 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Detect objects in image files; write COCO JSON and drawn images (see module docstring).
 
+    Args:
+        ckpt_path: training checkpoint (network, anchors, input size, classes, label map).
+        input: an image file, or a folder searched recursively (``IMAGE_SUFFIXES``); files
+            under ``output_dir`` are skipped.
+        output_dir: where ``detections.json``, ``images.json`` and ``images/`` go.
+        batch_size: images per forward pass.
+        score_threshold: detections scoring at or below this are dropped (0.01 for COCO AP).
+        max_detections: detections kept per image.
+        draw: write the images with their detections drawn.
+        num_workers: DataLoader processes reading and resizing the images.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
+
     Returns:
         The COCO result entries written to ``detections.json``.
     """
@@ -147,14 +159,15 @@ def predict(
     ).to(device)
     module.postprocess.box_coder.to(device)
     hparams = module.hparams
+    out = Path(output_dir)
     root, files = find_images(input)
+    files = [f for f in files if out.resolve() not in f.resolve().parents]  # earlier outputs
     dataset = ImageFiles(files, hparams.image_size, hparams.mean, hparams.std)
     loader = DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=_collate)
     num_classes = int(hparams.net_config.get("num_classes") or len(module.class_names) + 1)
     names = list(module.class_names or [str(k) for k in range(1, num_classes)])
     category_ids = category_ids_of(module.label_map, num_classes)
 
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
