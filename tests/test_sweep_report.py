@@ -10,14 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from ssd_lightning.config import CONFIG_DIR
+from ssd_lightning.config import CONFIG_DIR, compose_config
 from ssd_lightning.sweep_report import JobStatusCallback, main, report, scan_multirun, swept_keys
+from ssd_lightning.train import build_module
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -65,15 +67,26 @@ def test_sweep_configs_set_sweeper_params(sweep: str, expected: dict[str, list[s
     assert cfg.trainer.max_epochs == 10  # the experiment's own
 
 
-def test_sweeps_combine_and_every_value_builds_the_model() -> None:
-    cfg = compose_with_hydra("experiment=quickstart", "+sweep=[anchors,anchor_clip]")
-    assert set(sweep_values(cfg)) == {"anchors.s_min", "anchors.s_max", "anchors.clip"}
-    # Each aspect-ratio set changes the heads through the interpolated num_boxes.
-    boxes = []
-    for ratios in sweep_values(compose_with_hydra("+sweep=aspect_ratios"))["anchors.aspect_ratios"]:
-        run = compose_with_hydra("experiment=quickstart", f"anchors.aspect_ratios={ratios}")
-        boxes.append(OmegaConf.to_container(run.model.net, resolve=True)["num_boxes"])
-    assert boxes == [[4, 6, 6, 6, 4, 4], [4] * 6, [6] * 6]
+def test_sweeps_combine() -> None:
+    cfg = compose_with_hydra("experiment=quickstart", "+sweep=[anchors,anchor_clip,neg_pos]")
+    assert [len(v) for v in sweep_values(cfg).values()] == [3, 2, 2, 5]  # a 60-run grid
+
+
+@pytest.mark.parametrize("sweep", ["anchors", "anchor_clip", "anchor_tables", "aspect_ratios"])
+def test_every_swept_anchor_value_builds_a_consistent_quickstart_model(sweep: str) -> None:
+    """Heads and default boxes agree for every value: A anchors out of the network."""
+    anchors = []
+    for key, values in sweep_values(compose_with_hydra(f"+sweep={sweep}")).items():
+        for value in values:
+            run = compose_config(["experiment=quickstart", f"{key}={value}"], output_dir=".")
+            module = build_module(run).eval()
+            with torch.no_grad():
+                loc, logits = module(torch.zeros(1, 3, 300, 300))
+            assert loc.shape == (1, len(module.default_boxes), 4)
+            assert logits.shape == (1, len(module.default_boxes), 6)
+            anchors.append(len(module.default_boxes))
+    if sweep == "aspect_ratios":  # 4 or 6 boxes per location on 38, 19, 10, 5, 3, 1 maps
+        assert anchors == [8732, 4 * 1940, 6 * 1940]
 
 
 def test_optuna_sweeper_config() -> None:
