@@ -72,6 +72,11 @@ def eval_inputs(module, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(tensors), torch.tensor(sizes)
 
 
+def console_script(module: str) -> list[str]:
+    """The command a console script runs: ``main()`` imported from the module (not ``-m``)."""
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
 # ---------------------------------------------------------------- predict
 
 
@@ -149,9 +154,7 @@ def test_predict_maps_labels_back_to_dataset_category_ids(run, tmp_path: Path) -
 
 def test_predict_cli(run, tmp_path: Path) -> None:
     command = [
-        sys.executable,
-        "-m",
-        "ssd_lightning.predict",
+        *console_script("ssd_lightning.predict"),
         f"ckpt_path={run['ckpt']}",
         f"input={run['images'] / 'sub'}",
         f"output_dir={tmp_path / 'cli'}",
@@ -215,7 +218,7 @@ def test_export_with_postprocess_gives_the_same_detections(run, tmp_path: Path) 
 def test_export_cli_checks_in_onnxruntime(run, tmp_path: Path) -> None:
     ckpt = tmp_path / "model.ckpt"
     shutil.copy(run["ckpt"], ckpt)
-    command = [sys.executable, "-m", "ssd_lightning.export", f"ckpt_path={ckpt}", "format=onnx"]
+    command = [*console_script("ssd_lightning.export"), f"ckpt_path={ckpt}", "format=onnx"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "model.onnx").is_file()

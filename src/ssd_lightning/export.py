@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchvision.ops import box_iou, nms
 
+from ssd_lightning.config import CONFIG_DIR
 from ssd_lightning.encoder import SSDBoxCoder
 from ssd_lightning.evaluate import load_checkpoint, module_from_checkpoint
 from ssd_lightning.module import SSDModule
@@ -255,7 +256,9 @@ def export(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
+# An absolute path: a relative one fails under console scripts (Hydra resolves it against
+# the module name there, not the file).
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
 def _hydra_main(cfg: DictConfig) -> None:
     export(cfg)
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ssd_lightning.config import CONFIG_DIR
 from ssd_lightning.data import read_image
 from ssd_lightning.data.transforms import build_eval_transform
 from ssd_lightning.evaluate import load_checkpoint, module_from_checkpoint
@@ -214,7 +215,9 @@ def _save_drawn(
         raise OSError(f"could not write {path}")
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
+# An absolute path: a relative one fails under console scripts (Hydra resolves it against
+# the module name there, not the file).
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def _hydra_main(cfg: DictConfig) -> None:
     predict(
         cfg.ckpt_path,
