@@ -8,10 +8,18 @@ import pytest
 import torch
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.ssd import SSD
+from torchvision.ops import batched_nms
 
+import ssd_lightning.postprocess as pp
 from ssd_lightning.anchors import DefaultBoxes
 from ssd_lightning.encoder import SSDBoxCoder
-from ssd_lightning.postprocess import PostProcessor, rank_within_class
+from ssd_lightning.postprocess import (
+    PostProcessor,
+    class_scores,
+    grouped_nms,
+    rank_in_groups,
+    sort_by_group_and_score,
+)
 
 TV_CODER = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))  # torchvision SSD: 1 / variances
 
@@ -70,6 +78,7 @@ def small_setup(batch=3, num_classes=4, seed=0, spread=3.0):
         },
         {"score_thresh": 0.2, "nms_thresh": 0.3, "topk_candidates": 7, "detections_per_img": 15},
         {"score_thresh": 0.01, "nms_thresh": 0.6, "topk_candidates": 50, "detections_per_img": 3},
+        {"score_thresh": 0.0, "nms_thresh": 0.5, "topk_candidates": 10, "detections_per_img": 30},
     ],
 )
 def test_matches_torchvision_postprocess_detections(settings):
@@ -86,32 +95,128 @@ def test_matches_torchvision_postprocess_detections(settings):
     assert_same_detections(ours, torchvision_detections(anchors, loc, logits, sizes, **settings))
 
 
-def test_heavy_suppression_widens_the_candidates_and_still_matches_torchvision(monkeypatch):
-    # Every box is one of 3 jittered copies: NMS keeps ~1 per (image, class), so the first
-    # 2 * max_detections pairs are not enough and further rounds must see more pairs.
-    anchors, _, logits, sizes = small_setup(seed=1, spread=1.0)
-    g = torch.Generator().manual_seed(2)
+def clustered_loc(anchors, sizes, seed=2, jitter=0.005):
+    """Offsets decoding every box to one of 3 jittered copies: NMS keeps ~1 per (image, class)."""
+    g = torch.Generator().manual_seed(seed)
     centres = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.8], [0.2, 0.6, 0.5, 0.9]])
     pick = torch.randint(0, 3, (len(sizes), len(anchors)), generator=g)
-    boxes = centres[pick] + torch.randn(len(sizes), len(anchors), 4, generator=g) * 0.005
+    boxes = centres[pick] + torch.randn(len(sizes), len(anchors), 4, generator=g) * jitter
     scale = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=torch.float32)[:, None]
     image_anchors = anchors.xyxy[None] * scale
-    loc = torch.stack(
+    return torch.stack(
         [
             TV_CODER.encode_single(b * s, a)
             for b, s, a in zip(boxes, scale, image_anchors, strict=True)
         ]
     )
+
+
+def spy(monkeypatch, name):
+    """Record the first argument of every call of ``ssd_lightning.postprocess.<name>``."""
+    calls = []
+    original = getattr(pp, name)
+    monkeypatch.setattr(pp, name, lambda first, *a: calls.append(first) or original(first, *a))
+    return calls
+
+
+def test_heavy_suppression_sends_more_candidates_and_still_matches_torchvision(monkeypatch):
+    # Few pass per image: all their pairs are candidates, but only the 2 * max_detections best
+    # of each image enter NMS first; too few survive, so 4x more are sent, then 16x.
+    anchors, _, logits, sizes = small_setup(seed=1, spread=1.0)
+    loc = clustered_loc(anchors, sizes)
+    logits[..., 0] += 3.0  # background dominant: ~1/3 of the anchors hold a candidate
+    nms_inputs = spy(monkeypatch, "grouped_nms")
+    best_pairs = spy(monkeypatch, "best_pairs")
     post = PostProcessor(SSDBoxCoder(anchors.cxcywh), max_detections=20)
-    rounds = []
-    detect = post._detect
-    monkeypatch.setattr(post, "_detect", lambda *a: rounds.append(a[-1]) or detect(*a))
     ours = post(loc, logits, torch.tensor(sizes))
-    assert len(rounds) >= 2 and rounds[-1] > rounds[0]
+    assert not best_pairs  # every image sent all its pairs
+    assert [len(b) for b in nms_inputs] == sorted(len(b) for b in nms_inputs)
+    assert len(nms_inputs) >= 2
     settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
     theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=20, **settings)
     assert_same_detections(ours, theirs)
     assert all(len(d["scores"]) < 20 for d in ours)
+
+
+def test_images_where_most_pairs_pass_send_their_best_pairs_then_all_when_short(monkeypatch):
+    # All 158 anchors hold a candidate, more than 8 * m (m = 2 * 8 detections): only the
+    # m best pairs are gathered first; NMS leaves fewer than 8, so the image is redone with
+    # all its pairs.
+    anchors, _, logits, sizes = small_setup(seed=3, spread=1.0)
+    loc = clustered_loc(anchors, sizes, seed=4)
+    best_pairs = spy(monkeypatch, "best_pairs")
+    post = PostProcessor(SSDBoxCoder(anchors.cxcywh), max_detections=8)
+    rounds = []
+    nms_rounds = post._nms_rounds
+    monkeypatch.setattr(post, "_nms_rounds", lambda c, b: rounds.append(c) or nms_rounds(c, b))
+    ours = post(loc, logits, torch.tensor(sizes))
+    assert len(best_pairs) == 1 and len(rounds) == 2
+    assert len(rounds[0].score) <= 2 * 8 * len(sizes) < len(rounds[1].score)
+    settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
+    theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=8, **settings)
+    assert_same_detections(ours, theirs)
+
+
+def test_best_pairs_alone_when_enough_survive(monkeypatch):
+    # Random boxes hardly overlap: the m best pairs of each image are enough.
+    anchors, loc, logits, sizes = small_setup(seed=5, spread=1.0)
+    best_pairs = spy(monkeypatch, "best_pairs")
+    nms_inputs = spy(monkeypatch, "grouped_nms")
+    post = PostProcessor(SSDBoxCoder(anchors.cxcywh), max_detections=5)
+    ours = post(loc, logits, torch.tensor(sizes))
+    assert len(best_pairs) == 1 and len(nms_inputs) == 1
+    assert len(nms_inputs[0]) <= 2 * 5 * len(sizes)
+    assert all(len(d["scores"]) == 5 for d in ours)
+    settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
+    theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=5, **settings)
+    assert_same_detections(ours, theirs)
+
+
+def trained_like_outputs(anchors, num_classes, batch, background, seed=0, objects=10):
+    """Outputs like a trained SSD's: matched default boxes regress to their object (clusters)
+    and score its class; logit noise with a per-image class preference; background raised."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.rand(batch, objects, 2, generator=g) * 0.8 + 0.1
+    half = (torch.rand(batch, objects, 2, generator=g) * 0.3 + 0.05) / 2
+    gt = torch.cat([centre - half, centre + half], dim=-1).clamp(0, 1)
+    gt_labels = torch.randint(1, num_classes, (batch, objects), generator=g)
+    coder = SSDBoxCoder(anchors.cxcywh)
+    loc, labels = coder.encode_batch(gt, gt_labels, torch.ones(batch, objects, dtype=torch.bool))
+    positive = labels > 0
+    loc = loc + torch.randn(loc.shape, generator=g) * torch.where(positive, 0.3, 1.0)[..., None]
+    logits = torch.randn(batch, len(anchors), num_classes, generator=g)
+    logits += torch.randn(batch, 1, num_classes, generator=g) * 1.5
+    logits.scatter_add_(-1, labels[..., None], positive[..., None] * 6.0)
+    logits[..., 0] += background
+    return loc, logits
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "background", "pairs_range", "best_first"),
+    [
+        (91, 10.6, (1500, 2500), False),  # ~2,000 pairs, on ~16% of the anchors: all sent
+        (21, 6.1, (0.11, 0.15), True),  # ~13% of the pairs, on ~85% of the anchors
+    ],
+)
+def test_trained_like_outputs_match_torchvision(
+    monkeypatch, num_classes, background, pairs_range, best_first
+):
+    # SSD300's 8732 default boxes; background dominant, boxes clustered on objects.
+    best_pairs = spy(monkeypatch, "best_pairs")
+    anchors = DefaultBoxes(300, [38, 19, 10, 5, 3, 1], sizes=[21, 45, 99, 153, 207, 261, 315])
+    loc, logits = trained_like_outputs(anchors, num_classes, batch=2, background=background)
+    passing = (logits.softmax(-1)[..., 1:] > 0.01).sum().item() / 2
+    low, high = pairs_range
+    if high < 1:  # a fraction of all pairs
+        low, high = low * logits[0, :, 1:].numel(), high * logits[0, :, 1:].numel()
+    assert low < passing < high
+    sizes = [[300, 300], [480, 640]]
+    ours = PostProcessor(SSDBoxCoder(anchors.cxcywh))(loc, logits, torch.tensor(sizes))
+    settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
+    theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=200, **settings)
+    assert_same_detections(ours, theirs)
+    assert sum(len(d["scores"]) for d in ours) > 100
+    assert bool(best_pairs) == best_first
 
 
 def test_limits_threshold_and_candidates_per_class():
@@ -167,7 +272,40 @@ def test_background_only_gives_empty_detections():
         assert det["labels"].dtype == torch.int64
 
 
-def test_rank_within_class():
-    cls = torch.tensor([[2, 0, 2, 1, 0, 2], [1, 1, 1, 0, 0, 1]])
-    expected = torch.tensor([[0, 0, 1, 0, 1, 2], [0, 1, 2, 0, 1, 3]])
-    assert torch.equal(rank_within_class(cls, 3), expected)
+def test_sort_by_group_and_score_and_rank_in_groups():
+    group = torch.tensor([2, 0, 2, 1, 0, 2])
+    score = torch.tensor([0.5, 0.25, 0.75, 0.0, 1.0, 0.125])
+    sorted_group, order = sort_by_group_and_score(group, score)
+    assert order.tolist() == [4, 1, 3, 2, 0, 5]
+    assert sorted_group.tolist() == [0, 0, 1, 2, 2, 2]
+    assert rank_in_groups(sorted_group, 4).tolist() == [0, 1, 0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_grouped_nms_equals_batched_nms(chunk):
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + 5 + torch.rand(300, 2, generator=g) * 20], dim=1)
+    scores = torch.rand(300, generator=g)
+    group = torch.randint(0, 12, (300,), generator=g).sort().values
+    keep = grouped_nms(boxes, scores, group, 0.45, chunk)
+    expected = batched_nms(boxes.double(), scores.double(), group, 0.45)
+    assert 50 < len(keep) < 300
+    assert sorted(keep.tolist()) == sorted(expected.tolist())
+
+
+def test_class_scores_drop_only_anchors_without_a_passing_class():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 500, 6, generator=g)
+    logits[..., 0] += 7.0  # mostly background
+    scores = class_scores(logits, 0.01)
+    full = logits.reshape(-1, 6).softmax(-1)
+    assert scores.row is not None and 0 < len(scores.row) < 500
+    assert torch.equal(scores.values[:, 1:], full[scores.row, 1:])  # bitwise
+    assert torch.equal(scores.best, full[scores.row, 1:].amax(1))
+    dropped = torch.ones(1000, dtype=torch.bool)
+    dropped[scores.row] = False
+    assert (full[dropped, 1:] <= 0.01).all()
+    assert ((full[:, 1:] > 0.01).any(1) <= ~dropped).all()  # every passing anchor is kept
+    logits[..., 0] -= 7.0
+    assert class_scores(logits, 0.01).row is None  # most anchors hold a candidate: all rows
