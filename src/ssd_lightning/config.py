@@ -12,9 +12,12 @@ Resolvers (registered on import, usable in any conf/ file):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssd_lightning.anchors import boxes_per_location
@@ -26,8 +29,9 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def _boxes_per_location(aspect_ratios: Any) -> list[int]:
-    return boxes_per_location(_to_plain(aspect_ratios))
+def _boxes_per_location(aspect_ratios: Any) -> ListConfig:
+    # A ListConfig (not a list) so that OmegaConf.resolve() can store it in place.
+    return ListConfig(boxes_per_location(_to_plain(aspect_ratios)))
 
 
 def _count_classes(class_names: Any) -> int:
@@ -53,8 +57,9 @@ def register_resolvers() -> None:
     )
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
-            # run_id must not be cached per config object, or a multirun would reuse it.
-            OmegaConf.register_new_resolver(name, fn, use_cache=False)
+            # Cached per config object, as Hydra's ${now:}: a sweep's folder is resolved
+            # several times and must keep its name.
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)
 
 
 class MissingSettingError(ValueError):
@@ -74,9 +79,9 @@ def check_required(cfg: DictConfig) -> None:
     Raises:
         MissingSettingError: listing the missing keys with the override to write.
     """
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    plain = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
     # hydra.* keys are filled in by Hydra itself.
-    missing = [key for key in missing if not key.startswith("hydra.")]
+    missing = sorted(k for k in _missing_keys(plain) if not k.startswith("hydra."))
     if not missing:
         return
     lines = []
@@ -89,9 +94,39 @@ def check_required(cfg: DictConfig) -> None:
     )
 
 
+def _missing_keys(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is ``???`` in an unresolved plain container."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = enumerate(tree)
+    else:
+        return [prefix.rstrip(".")] if tree == "???" else []
+    return [k for key, value in items for k in _missing_keys(value, f"{prefix}{key}.")]
+
+
 def to_plain(cfg: Any) -> Any:
     """A resolved config node as plain Python containers (for checkpoints and loggers)."""
     return _to_plain(cfg)
+
+
+# conf/ at the repository root (the package is installed in editable mode, `make install`).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_config(
+    overrides: Sequence[str] = (), config_name: str = "train", output_dir: str | None = None
+) -> DictConfig:
+    """The app config as ``ssd-train <overrides>`` would see it, outside a Hydra run.
+
+    For tests, notebooks and scripts. ``${hydra:...}`` values are unavailable here, so
+    ``paths.output_dir`` is set to ``output_dir`` (required unless an override sets it).
+    """
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    if output_dir is not None:
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
 
 
 register_resolvers()

@@ -5,12 +5,13 @@ Hydra app that is the wrong command in two common cases: under pytest it re-runs
 under ``--multirun`` it re-runs the whole sweep into new folders. Here rank 0 instead writes its
 fully resolved config into its own run folder and starts every other local rank as
 
-    python -m ssd_lightning.ddp <run_dir>/ddp/config.yaml
+    python -m ssd_lightning.ddp <run_dir>/ddp/config.yaml ssd_lightning.train:train
 
-which calls ``train(cfg)`` with exactly that config: same run folder, no Hydra in the children,
-no duplicated outputs. The environment (``LOCAL_RANK``, ``NODE_RANK``, ``WORLD_SIZE``,
-``MASTER_ADDR``, ``MASTER_PORT``) is the one Lightning's own launcher sets, so Lightning's
-``LightningEnvironment`` sees processes created externally and launches nothing itself.
+which calls ``train(cfg)`` (or the given entry, e.g. ``evaluate``) with exactly that config:
+same run folder, no Hydra in the children, no duplicated outputs. The environment
+(``LOCAL_RANK``, ``NODE_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) is the one
+Lightning's own launcher sets, so Lightning's ``LightningEnvironment`` sees processes created
+externally and launches nothing itself.
 
 When processes are already created by a cluster (torchrun / TorchElastic, SLURM ``srun``, or
 ``LOCAL_RANK`` set by hand) nothing is launched here and Lightning's environment detection
@@ -20,6 +21,7 @@ applies as usual; that is how multi-node jobs run.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import socket
@@ -31,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,9 +62,14 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def launched_local_ranks(
-    trainer: L.Trainer, cfg: DictConfig, run_dir: str | os.PathLike[str]
+    trainer: L.Trainer,
+    cfg: DictConfig,
+    run_dir: str | os.PathLike[str],
+    entry: str = "ssd_lightning.train:train",
 ) -> Iterator[list[subprocess.Popen]]:
     """Start local ranks 1..N-1 with ``cfg`` (resolved) and run the body as local rank 0.
+
+    The children call ``entry`` (``module:function`` taking the config) with the same config.
 
     On exit waits for the children and raises if one failed; if a child dies early the
     parent is killed (it would otherwise hang in a collective), as Lightning's launcher does.
@@ -83,14 +91,21 @@ def launched_local_ranks(
     children = []
     for local_rank in range(1, num_processes):
         env = dict(os.environ, LOCAL_RANK=str(local_rank))
-        command = [sys.executable, "-m", "ssd_lightning.ddp", str(config_path)]
+        command = [sys.executable, "-m", "ssd_lightning.ddp", str(config_path), entry]
         children.append(subprocess.Popen(command, env=env))
     watcher = _Watcher(children)
     watcher.start()
     try:
         yield children
+    except BaseException:
+        for child in children:  # they would wait for rank 0 in a collective forever
+            child.kill()
+        raise
     finally:
         watcher.stop()
+        # A later job of a sweep in this process must start a new process group.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -131,13 +146,15 @@ class _Watcher(threading.Thread):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of a local rank > 0: ``python -m ssd_lightning.ddp <config.yaml>``."""
+    """Entry point of a local rank > 0: ``python -m ssd_lightning.ddp <config.yaml> <entry>``."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or "LOCAL_RANK" not in os.environ:
-        raise SystemExit("usage: LOCAL_RANK=<r> python -m ssd_lightning.ddp <resolved config.yaml>")
-    from ssd_lightning.train import train
-
-    train(OmegaConf.load(argv[0]))
+    if len(argv) != 2 or "LOCAL_RANK" not in os.environ:
+        raise SystemExit(
+            "usage: LOCAL_RANK=<r> python -m ssd_lightning.ddp <resolved config.yaml> <module:fn>"
+        )
+    module_name, function = argv[1].split(":")
+    entry = getattr(importlib.import_module(module_name), function)
+    entry(OmegaConf.load(argv[0]))
 
 
 if __name__ == "__main__":

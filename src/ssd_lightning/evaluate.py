@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.config import check_required
+from ssd_lightning.ddp import launched_local_ranks
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.metrics import format_table
 from ssd_lightning.module import SSDModule
@@ -78,7 +79,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.update(cfg, f"model.{key}", hparams[key], force_add=True)
     datamodule = build_datamodule(cfg, module)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    entry = "ssd_lightning.evaluate:evaluate"
+    with launched_local_ranks(trainer, cfg, Path(cfg.output_json).parent, entry):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     results = module.last_val_results
     if trainer.is_global_zero:
         print(format_table(results), flush=True)

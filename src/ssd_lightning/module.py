@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -114,6 +115,7 @@ class SSDModule(L.LightningModule):
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
         self._compiled = False
+        self._val_images = 0
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -121,7 +123,7 @@ class SSDModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        self._check_box_coder(getattr(datamodule, "box_coder", None))
+        self.check_box_coder(getattr(datamodule, "box_coder", None))
         if self.class_names is None:
             names = list(getattr(datamodule, "class_names", None) or [])
             self.class_names = names[1:] if names[:1] == ["background"] else names
@@ -133,7 +135,7 @@ class SSDModule(L.LightningModule):
             self.net.compile()  # in place: state_dict keys stay those of the plain network
             self._compiled = True
 
-    def _check_box_coder(self, coder: SSDBoxCoder | None) -> None:
+    def check_box_coder(self, coder: SSDBoxCoder | None) -> None:
         """Raise if the DataModule encodes against other default boxes than this model."""
         if coder is None:
             return
@@ -198,11 +200,9 @@ class SSDModule(L.LightningModule):
         labels = batch["labels"]
         sums = self.loss(loc, cls_logits, batch["loc_targets"], labels, num_positives=1.0)
         local = torch.stack([(labels > 0).sum().float(), (~torch.isfinite(sums["loss"])).float()])
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            local = self.trainer.strategy.reduce(local.detach(), reduce_op="sum")
-        normaliser = (local[0] / world).clamp(min=1.0)
-        return {k: v / normaliser for k, v in sums.items()}, local[1] > 0
+        total, world = _all_reduce_sum(local.detach())
+        normaliser = (total[0] / world).clamp(min=1.0)
+        return {k: v / normaliser for k, v in sums.items()}, total[1] > 0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         losses, nonfinite = self._losses(batch)
@@ -244,15 +244,42 @@ class SSDModule(L.LightningModule):
         self.log("val/loss", losses["loss"], batch_size=size, sync_dist=True)
         preds = self.postprocess(loc.float(), cls_logits.float(), batch["orig_sizes"])
         self.val_metrics.update(preds, _targets(batch))
+        self._val_images += size
         return preds
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_images = 0
+
     def on_validation_epoch_end(self) -> None:
+        self._pad_to_equal_image_counts()
         results = self.val_metrics.compute()
         self.val_metrics.reset()
         self.last_val_results = results
         for name, value in _flat_scalars(results).items():
-            # Identical on every rank: the metric state was gathered before compute().
-            self.log(f"val/{name}", value, prog_bar=name in ("mAP", "mAP_50"), sync_dist=False)
+            # Identical on every rank (the metric state was gathered before compute()); the
+            # mean over ranks keeps it so and tells Lightning the value is global.
+            self.log(f"val/{name}", value, prog_bar=name in ("mAP", "mAP_50"), sync_dist=True)
+
+    def _pad_to_equal_image_counts(self) -> None:
+        """Give every rank's metric the same number of images before the DDP sync.
+
+        The DataModule's evaluation sampler splits the images without padding (so none is
+        counted twice), which leaves some ranks one image short. torchmetrics gathers the COCO
+        metric's state image by image, so unequal counts would mismatch the collectives. The
+        short ranks therefore add empty images (no ground truth, no detection): they match
+        nothing and change neither COCO nor VOC AP.
+        """
+        count, world = _all_reduce_max(torch.tensor(float(self._val_images), device=self.device))
+        missing = int(count) - self._val_images
+        if world == 1 or missing == 0:
+            return
+        empty_boxes = torch.zeros(0, 4, device=self.device)
+        empty_labels = torch.zeros(0, dtype=torch.long, device=self.device)
+        pred = {"boxes": empty_boxes, "scores": torch.zeros(0, device=self.device),
+                "labels": empty_labels}  # fmt: skip
+        target = {"boxes": empty_boxes, "labels": empty_labels,
+                  "difficult": torch.zeros(0, dtype=torch.bool, device=self.device)}  # fmt: skip
+        self.val_metrics.update([pred] * missing, [target] * missing)
 
     # ---------------------------------------------------------------- optimisation
 
@@ -291,6 +318,24 @@ class SSDModule(L.LightningModule):
             self.class_names = list(meta["class_names"])
         if meta.get("label_map"):
             self.label_map = {int(k): int(v) for k, v in meta["label_map"].items()}
+
+
+def _all_reduce_sum(values: Tensor) -> tuple[Tensor, int]:
+    """Sum of ``values`` over all processes (itself without torch.distributed), and their count."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values, 1
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values, dist.get_world_size()
+
+
+def _all_reduce_max(value: Tensor) -> tuple[Tensor, int]:
+    """Maximum of a scalar over all processes, and the number of processes."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value, 1
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value, dist.get_world_size()
 
 
 def _targets(batch: dict[str, Any]) -> list[dict[str, Tensor]]:

@@ -29,9 +29,6 @@ from ssd_lightning.config import check_required, to_plain
 from ssd_lightning.ddp import launched_local_ranks
 from ssd_lightning.module import SSDModule
 
-# conf/ at the repository root (the package is installed in editable mode, `make install`).
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
-
 
 def build_module(cfg: DictConfig) -> SSDModule:
     """The LightningModule from the model, anchors, loss, optim, sched and module groups."""
@@ -75,7 +72,7 @@ def _instantiate_all(node: DictConfig | None) -> list[Any]:
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if cfg.get("seed") is not None:
-        callbacks.append(ReseedEveryEpoch(int(cfg.seed)))
+        callbacks.append(ReseedEveryEpoch(int(cfg.seed), cfg.get("ckpt_path")))
     return instantiate(
         cfg.trainer,
         callbacks=[*callbacks, *extra_callbacks],
