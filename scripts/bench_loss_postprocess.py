@@ -179,25 +179,26 @@ def random_outputs(batch, classes, gen, anchors):
     return loc, torch.randn(batch, len(anchors), classes, generator=gen)
 
 
-def trained_like_outputs(batch, classes, pairs, gen, coder, objects):
+def trained_like_outputs(batch, classes, pairs, gen, coder, objects, near=0.25):
     """Outputs shaped like a trained SSD's: background dominant, boxes clustered.
 
-    Every image holds ``objects`` objects. Its default boxes matched to one (SSD matching)
-    regress to it with a small spread (offsets N(0, 0.3): a few % of the box) and score its
-    class 6 logits higher; every other default box regresses near itself (N(0, 1)). Logits are
-    N(0, 1) noise plus a per-image N(0, 1.5) class preference (an image has a few likely
-    classes, which is what makes a model's passing pairs cluster in ~20 of 90 classes), and the
-    background logit is raised until ``pairs`` (anchor, class) pairs per image score above
-    0.01 (``pairs`` < 1: that fraction of all pairs).
+    Every image holds ``objects`` objects. The default boxes near one (SSD matching at IoU
+    ``near``) regress to it with a small spread (offsets N(0, 0.3): a few % of the box) and
+    score its class 5 logits higher; every other default box regresses near itself (N(0, 1)).
+    Logits are N(0, 1) noise plus a per-image N(0, 1.5) class preference (an image has a few
+    likely classes, which is what makes a model's passing pairs cluster in ~20 of 90 classes),
+    and the background logit is raised until ``pairs`` (anchor, class) pairs per image score
+    above 0.01 (``pairs`` < 1: that fraction of all pairs).
     """
     gt, gt_labels, valid = random_ground_truth(batch, objects, classes, "cpu", gen)
-    loc, labels = coder.to("cpu").encode_batch(gt, gt_labels, valid)
+    matcher = SSDBoxCoder(coder.default_boxes.cpu(), iou_threshold=near)
+    loc, labels = matcher.encode_batch(gt, gt_labels, valid)
     positive = labels > 0
     spread = torch.where(positive, 0.3, 1.0)[..., None]
     loc = loc + torch.randn(loc.shape, generator=gen) * spread
     logits = torch.randn(*labels.shape, classes, generator=gen)
     logits += torch.randn(batch, 1, classes, generator=gen) * 1.5
-    logits.scatter_add_(-1, labels[..., None], positive[..., None] * 6.0)
+    logits.scatter_add_(-1, labels[..., None], positive[..., None] * 5.0)
     target = pairs * len(coder) * (classes - 1) if pairs < 1 else pairs
     logits[..., 0] += background_bias(logits, target)
     return loc, logits

@@ -96,25 +96,32 @@ class PostProcessor:
         sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=loc.device)
         scale = sizes.flip(-1).repeat(1, 2)  # (B, 4): w, h, w, h
         scores = class_scores(cls_logits.float(), self.score_threshold)
-        live = (scores.best > self.score_threshold).nonzero()[:, 0]  # rows holding a pair
-        live_image = torch.div(scores.anchor(live), num_anchors, rounding_mode="floor")
+        alive = scores.best > self.score_threshold  # (r,) rows holding a pair
         m = 2 * self.max_detections
-        dense = torch.bincount(live_image, minlength=batch) > DENSE_ANCHORS * m  # (B,)
+        # Images with more anchors holding a pair than m send their best pairs first.
+        partial = scores.per_image(alive, batch, num_anchors) > m  # (B,)
 
-        def detect(pairs: Tensor) -> Detections:
-            return self._nms_rounds(self._per_class(pairs, scores, boxes, scale), batch)
+        def detect(pairs: Tensor, first: int = m) -> Detections:
+            return self._nms_rounds(self._per_class(pairs, scores, boxes, scale), batch, first)
 
-        if not bool(dense.any()):
-            return detect(pairs_in_rows(scores.values, live, self.score_threshold)).split(batch)
-        top = best_pairs(scores, dense, m, self.score_threshold, num_anchors)
-        rest = pairs_in_rows(scores.values, live[~dense[live_image]], self.score_threshold)
-        found = detect(torch.cat([top, rest]))
-        short = dense & (torch.bincount(found.image, minlength=batch) < self.max_detections)
-        if bool(short.any()):  # heavy suppression: these images need all their pairs
-            rows = live[short[live_image]]
-            redone = detect(pairs_in_rows(scores.values, rows, self.score_threshold))
-            found = Detections.cat([found.select(~short[found.image]), redone])
-        return found.split(batch)
+        def all_pairs(images: Tensor) -> Tensor:
+            return scores.pairs_of(images, self.score_threshold, num_anchors)
+
+        if not bool(partial.any()):
+            return detect(all_pairs(~partial)).split(batch)
+        best, partial = best_pairs(scores, partial, m, self.score_threshold, num_anchors)
+        found = detect(torch.cat([best, all_pairs(~partial)]))
+        sent = m
+        while True:  # heavy suppression: the short images send 4x more pairs, then all
+            short = partial & (torch.bincount(found.image, minlength=batch) < self.max_detections)
+            if not bool(short.any()):
+                return found.split(batch)
+            sent *= 4
+            if 2 * sent < num_anchors:
+                pairs, partial = best_pairs(scores, short, sent, self.score_threshold, num_anchors)
+            else:
+                pairs, partial = all_pairs(short), short & False
+            found = Detections.cat([found.select(~short[found.image]), detect(pairs, sent)])
 
     def _per_class(
         self, pairs: Tensor, scores: ClassScores, boxes: Tensor, scale: Tensor
@@ -140,11 +147,11 @@ class PostProcessor:
         pixels = boxes[anchor[order]].clamp(0.0, 1.0) * scale[image]  # (k, 4)
         return Candidates(group, score, pixels, rank, num_classes)
 
-    def _nms_rounds(self, cand: Candidates, batch: int) -> Detections:
+    def _nms_rounds(self, cand: Candidates, batch: int, m: int) -> Detections:
         """NMS per (image, class) and the best ``max_detections`` of every image.
 
-        Only the ``m`` best candidates of every image enter NMS (``m = 2 * max_detections``);
-        images left short (heavy suppression) are redone with ``4 m``, and so on.
+        Only the ``m`` best candidates of every image enter NMS; images left short (heavy
+        suppression) are redone with ``4 m``, and so on.
 
         Shape:
             cand: n candidates -> detections of every image that has candidates
@@ -152,7 +159,6 @@ class PostProcessor:
         num_candidates = torch.bincount(cand.image, minlength=batch)
         todo = num_candidates > 0
         found = [cand.detections(todo[:0].nonzero()[:, 0])]  # none, for an empty batch
-        m = 2 * self.max_detections
         while bool(todo.any()):
             sent = cand.select(todo[cand.image] & (cand.rank < m))
             keep = grouped_nms(sent.pixels, sent.score, sent.group, self.nms_threshold, NMS_CHUNK)
@@ -183,6 +189,32 @@ class ClassScores(NamedTuple):
     def anchor(self, rows: Tensor) -> Tensor:
         """Flat anchor index image * A + anchor of the given rows."""
         return rows if self.row is None else self.row[rows]
+
+    def per_image(self, mask: Tensor, batch: int, num_anchors: int) -> Tensor:
+        """Rows marked in ``mask`` (r,) bool, per image -> (B,)."""
+        if self.row is None:
+            return mask.view(batch, num_anchors).sum(dim=1)
+        image = torch.div(self.row[mask], num_anchors, rounding_mode="floor")
+        return torch.bincount(image, minlength=batch)
+
+    def pairs_of(self, images: Tensor, threshold: float, num_anchors: int) -> Tensor:
+        """All the pairs above ``threshold`` of the images marked in ``images`` (B,) bool.
+
+        Shape:
+            -> (n,) flat indices into ``values``
+        """
+        if not bool(images.any()):
+            return torch.zeros(0, dtype=torch.long, device=images.device)
+        if bool(images.all()):
+            return (self.values.view(-1) > threshold).nonzero()[:, 0]
+        if self.row is None:  # the rows of image i are i * A ... (i + 1) * A - 1
+            index = images.nonzero()[:, 0]
+            per_image = self.values.view(len(images), -1)
+            image, pair = (per_image[index] > threshold).nonzero().unbind(1)
+            return index[image] * per_image.shape[1] + pair
+        rows = images[torch.div(self.row, num_anchors, rounding_mode="floor")].nonzero()[:, 0]
+        row, column = (self.values[rows] > threshold).nonzero().unbind(1)
+        return rows[row] * self.values.shape[1] + column
 
 
 class Candidates(NamedTuple):
@@ -269,43 +301,41 @@ def class_scores(logits: Tensor, threshold: float) -> ClassScores:
     return ClassScores(row, values, values.amax(dim=1))
 
 
-def pairs_in_rows(values: Tensor, rows: Tensor, threshold: float) -> Tensor:
-    """The pairs above ``threshold`` in the given rows.
-
-    Shape:
-        values: (r, C); rows: (k,) -> (n,) flat indices into ``values``
-    """
-    row, column = (values[rows] > threshold).nonzero().unbind(1)
-    return rows[row] * values.shape[1] + column
-
-
 def best_pairs(
     scores: ClassScores, images: Tensor, m: int, threshold: float, num_anchors: int
-) -> Tensor:
-    """The ``m`` best pairs above ``threshold`` of the selected images.
+) -> tuple[Tensor, Tensor]:
+    """The best pairs of the selected images: those scoring above the best score t of the
+    image's (m+1)-th best anchor (and above ``threshold``).
 
-    They lie among the image's m best anchors by best score: an anchor holding one of them
-    has a best score at least that pair's, and fewer than m pairs score higher.
+    An anchor holding a pair above t has a best score above t, so it is one of the image's m
+    best anchors: gathering their pairs above t finds every pair of the image above t, at least
+    m of them (each of the m anchors' best), and no pair left out scores above t.
 
-    Shape:
-        images: (B,) bool -> (n,) flat indices into ``scores.values``
+    Returns:
+        Flat indices into ``scores.values``, and which images (B,) bool have pairs above the
+        threshold left out.
     """
     batch, num_classes = len(images), scores.values.shape[1]
     best = scores.best
     if scores.row is not None:  # to the (B * A,) layout
         best = best.new_full((batch * num_anchors,), -math.inf).index_copy_(0, scores.row, best)
     index = images.nonzero()[:, 0]  # (b,)
-    top_best, anchor = best.view(batch, num_anchors)[index].topk(min(m, num_anchors), dim=1)
-    rows = index[:, None] * num_anchors + anchor  # (b, k) flat anchor index
-    if scores.row is not None:  # to the row of each anchor; anchors without one masked below
+    top_best, anchor = best.view(batch, num_anchors)[index].topk(min(m + 1, num_anchors), dim=1)
+    limit = torch.full_like(top_best[:, 0], threshold)  # (b,)
+    if top_best.shape[1] > m:
+        limit = limit.maximum(top_best[:, m])
+        top_best, anchor = top_best[:, :m], anchor[:, :m]
+    rows = index[:, None] * num_anchors + anchor  # (b, m) flat anchor index
+    if scores.row is not None:  # to the row of each anchor (others: best -inf, masked below)
         row_of = torch.zeros(batch * num_anchors, dtype=torch.long, device=rows.device)
         row_of[scores.row] = torch.arange(len(scores.row), device=rows.device)
         rows = row_of[rows]
-    values = scores.values[rows].masked_fill_(~(top_best > threshold)[..., None], -math.inf)
-    top, pair = values.view(len(index), -1).topk(min(m, values[0].numel()), dim=1)  # (b, m)
-    slot = torch.div(pair, num_classes, rounding_mode="floor")
-    pair = rows.gather(1, slot) * num_classes + pair % num_classes
-    return pair[top > threshold]
+    above = scores.values[rows] > limit[:, None, None]  # (b, m, C)
+    above &= (top_best > limit[:, None])[..., None]
+    image, slot, label = above.nonzero().unbind(1)
+    left_out = torch.zeros_like(images)
+    left_out[index] = limit > threshold
+    return rows[image, slot] * num_classes + label, left_out
 
 
 def best_per_group(group: Tensor, score: Tensor, k: int) -> tuple[Tensor, Tensor]:
