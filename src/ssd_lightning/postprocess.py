@@ -109,9 +109,9 @@ class PostProcessor:
 
         if not bool(partial.any()):
             return detect(all_pairs(~partial)).split(batch)
-        best, partial = best_pairs(scores, partial, m, self.score_threshold, num_anchors)
+        best, left_out = best_pairs(scores, partial, m, self.score_threshold, num_anchors)
         found = detect(torch.cat([best, all_pairs(~partial)]))
-        sent = m
+        partial, sent = left_out, m
         while True:  # heavy suppression: the short images send 4x more pairs, then all
             short = partial & (torch.bincount(found.image, minlength=batch) < self.max_detections)
             if not bool(short.any()):
@@ -121,7 +121,8 @@ class PostProcessor:
                 pairs, partial = best_pairs(scores, short, sent, self.score_threshold, num_anchors)
             else:
                 pairs, partial = all_pairs(short), short & False
-            found = Detections.cat([found.select(~short[found.image]), detect(pairs, sent)])
+            others = found.select(~short.index_select(0, found.image))
+            found = Detections.cat([others, detect(pairs, sent)])
 
     def _per_class(
         self, pairs: Tensor, scores: ClassScores, boxes: Tensor, scale: Tensor
@@ -133,18 +134,19 @@ class PostProcessor:
             scale: (B, 4) -> candidates by (image, class) then decreasing score
         """
         batch, num_classes = len(scale), scores.values.shape[1]
-        score = scores.values.view(-1)[pairs]
+        score = scores.values.view(-1).index_select(0, pairs)
         anchor = scores.anchor(torch.div(pairs, num_classes, rounding_mode="floor"))
         num_anchors = len(boxes) // batch
         group = torch.div(anchor, num_anchors, rounding_mode="floor") * num_classes
         group += pairs % num_classes  # (n,) image * C + class
         order, group = best_per_group(group, score, self.candidates_per_class)
         image = torch.div(group, num_classes, rounding_mode="floor")
-        score = score[order]
+        score = score.index_select(0, order)
         sorted_image, image_order = sort_by_group_and_score(image, score)
         rank = torch.empty_like(image_order)
         rank[image_order] = rank_in_groups(sorted_image, batch)  # (k,) place in its image
-        pixels = boxes[anchor[order]].clamp(0.0, 1.0) * scale[image]  # (k, 4)
+        pixels = boxes.index_select(0, anchor.index_select(0, order)).clamp_(0.0, 1.0)
+        pixels *= scale.index_select(0, image)  # (k, 4)
         return Candidates(group, score, pixels, rank, num_classes)
 
     def _nms_rounds(self, cand: Candidates, batch: int, m: int) -> Detections:
@@ -160,15 +162,16 @@ class PostProcessor:
         todo = num_candidates > 0
         found = [cand.detections(todo[:0].nonzero()[:, 0])]  # none, for an empty batch
         while bool(todo.any()):
-            sent = cand.select(todo[cand.image] & (cand.rank < m))
+            sent = cand.select(todo.index_select(0, cand.image) & (cand.rank < m))
             keep = grouped_nms(sent.pixels, sent.score, sent.group, self.nms_threshold, NMS_CHUNK)
-            best, _ = best_per_group(sent.image[keep], sent.score[keep], self.max_detections)
-            kept = sent.detections(keep[best])
+            image, score = sent.image.index_select(0, keep), sent.score.index_select(0, keep)
+            best, _ = best_per_group(image, score, self.max_detections)
+            kept = sent.detections(keep.index_select(0, best))
             done = todo & (
                 (torch.bincount(kept.image, minlength=batch) >= self.max_detections)
                 | (num_candidates <= m)
             )
-            found.append(kept.select(done[kept.image]))
+            found.append(kept.select(done.index_select(0, kept.image)))
             todo &= ~done
             m *= 4
         return Detections.cat(found)
@@ -188,7 +191,7 @@ class ClassScores(NamedTuple):
 
     def anchor(self, rows: Tensor) -> Tensor:
         """Flat anchor index image * A + anchor of the given rows."""
-        return rows if self.row is None else self.row[rows]
+        return rows if self.row is None else self.row.index_select(0, rows)
 
     def per_image(self, mask: Tensor, batch: int, num_anchors: int) -> Tensor:
         """Rows marked in ``mask`` (r,) bool, per image -> (B,)."""
@@ -210,11 +213,13 @@ class ClassScores(NamedTuple):
         if self.row is None:  # the rows of image i are i * A ... (i + 1) * A - 1
             index = images.nonzero()[:, 0]
             per_image = self.values.view(len(images), -1)
-            image, pair = (per_image[index] > threshold).nonzero().unbind(1)
-            return index[image] * per_image.shape[1] + pair
-        rows = images[torch.div(self.row, num_anchors, rounding_mode="floor")].nonzero()[:, 0]
-        row, column = (self.values[rows] > threshold).nonzero().unbind(1)
-        return rows[row] * self.values.shape[1] + column
+            passing = per_image.index_select(0, index) > threshold
+            image, pair = passing.nonzero().unbind(1)
+            return index.index_select(0, image) * per_image.shape[1] + pair
+        row_image = torch.div(self.row, num_anchors, rounding_mode="floor")
+        rows = images.index_select(0, row_image).nonzero()[:, 0]
+        row, column = (self.values.index_select(0, rows) > threshold).nonzero().unbind(1)
+        return rows.index_select(0, row) * self.values.shape[1] + column
 
 
 class Candidates(NamedTuple):
@@ -236,13 +241,16 @@ class Candidates(NamedTuple):
         return torch.div(self.group, self.num_classes, rounding_mode="floor")
 
     def select(self, index: Tensor) -> Candidates:
-        return Candidates(*(t[index] for t in self[:4]), self.num_classes)
+        """The candidates at ``index`` (int64) or where ``index`` (bool) holds."""
+        index = as_indices(index)
+        return Candidates(*(t.index_select(0, index) for t in self[:4]), self.num_classes)
 
     def detections(self, index: Tensor) -> Detections:
-        group = self.group[index]
+        group = self.group.index_select(0, index)
         image = torch.div(group, self.num_classes, rounding_mode="floor")
         labels = group - image * self.num_classes
-        return Detections(image, self.pixels[index], self.score[index], labels)
+        pixels, score = self.pixels.index_select(0, index), self.score.index_select(0, index)
+        return Detections(image, pixels, score, labels)
 
 
 class Detections(NamedTuple):
@@ -258,7 +266,9 @@ class Detections(NamedTuple):
     labels: Tensor
 
     def select(self, index: Tensor) -> Detections:
-        return Detections(*(t[index] for t in self))
+        """The detections at ``index`` (int64) or where ``index`` (bool) holds."""
+        index = as_indices(index)
+        return Detections(*(t.index_select(0, index) for t in self))
 
     @staticmethod
     def cat(parts: list[Detections]) -> Detections:
@@ -270,6 +280,11 @@ class Detections(NamedTuple):
         counts = torch.bincount(self.image, minlength=batch).tolist()
         parts = zip(*(t.split(counts) for t in self[1:]), strict=True)
         return [{"boxes": b, "scores": s, "labels": lb} for b, s, lb in parts]
+
+
+def as_indices(index: Tensor) -> Tensor:
+    """int64 indices of a bool mask; int64 indices unchanged."""
+    return index.nonzero()[:, 0] if index.dtype == torch.bool else index
 
 
 def class_scores(logits: Tensor, threshold: float) -> ClassScores:
@@ -295,7 +310,7 @@ def class_scores(logits: Tensor, threshold: float) -> ClassScores:
         sample = flat[:: max(1, len(flat) // 1024)]
         if 2 * int(can_pass(sample).sum()) < len(sample):  # mostly background: gather
             row = can_pass(flat).nonzero()[:, 0]
-            flat = flat[row]
+            flat = flat.index_select(0, row)
     values = flat.softmax(dim=-1)
     values[:, 0] = -math.inf
     return ClassScores(row, values, values.amax(dim=1))
@@ -320,22 +335,23 @@ def best_pairs(
     if scores.row is not None:  # to the (B * A,) layout
         best = best.new_full((batch * num_anchors,), -math.inf).index_copy_(0, scores.row, best)
     index = images.nonzero()[:, 0]  # (b,)
-    top_best, anchor = best.view(batch, num_anchors)[index].topk(min(m + 1, num_anchors), dim=1)
+    per_image = best.view(batch, num_anchors).index_select(0, index)  # (b, A)
+    top_best, anchor = per_image.topk(min(m + 1, num_anchors), dim=1, sorted=False)
     limit = torch.full_like(top_best[:, 0], threshold)  # (b,)
     if top_best.shape[1] > m:
-        limit = limit.maximum(top_best[:, m])
-        top_best, anchor = top_best[:, :m], anchor[:, :m]
-    rows = index[:, None] * num_anchors + anchor  # (b, m) flat anchor index
+        limit = limit.maximum(top_best.amin(dim=1))  # the (m+1)-th best
+    rows = index[:, None] * num_anchors + anchor  # (b, k) flat anchor index
     if scores.row is not None:  # to the row of each anchor (others: best -inf, masked below)
         row_of = torch.zeros(batch * num_anchors, dtype=torch.long, device=rows.device)
         row_of[scores.row] = torch.arange(len(scores.row), device=rows.device)
-        rows = row_of[rows]
-    above = scores.values[rows] > limit[:, None, None]  # (b, m, C)
-    above &= (top_best > limit[:, None])[..., None]
-    image, slot, label = above.nonzero().unbind(1)
+        rows = row_of.index_select(0, rows.view(-1)).view(rows.shape)
+    values = scores.values.index_select(0, rows.view(-1)).view(*rows.shape, num_classes)
+    above = (values > limit[:, None, None]) & (top_best > limit[:, None])[..., None]
+    pair = above.view(-1).nonzero()[:, 0]  # into (b, k, C)
+    row = rows.view(-1).index_select(0, torch.div(pair, num_classes, rounding_mode="floor"))
     left_out = torch.zeros_like(images)
     left_out[index] = limit > threshold
-    return rows[image, slot] * num_classes + label, left_out
+    return row * num_classes + pair % num_classes, left_out
 
 
 def best_per_group(group: Tensor, score: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -350,8 +366,8 @@ def best_per_group(group: Tensor, score: Tensor, k: int) -> tuple[Tensor, Tensor
     if len(group) == 0:
         return group, group
     sorted_group, order = sort_by_group_and_score(group, score)
-    top = rank_in_groups(sorted_group, int(sorted_group[-1]) + 1) < k
-    return order[top], sorted_group[top]
+    top = (rank_in_groups(sorted_group, int(sorted_group[-1]) + 1) < k).nonzero()[:, 0]
+    return order.index_select(0, top), sorted_group.index_select(0, top)
 
 
 def sort_by_group_and_score(group: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
@@ -379,7 +395,7 @@ def rank_in_groups(group: Tensor, num_groups: int) -> Tensor:
     """
     counts = torch.bincount(group, minlength=num_groups)
     first = torch.cumsum(counts, 0) - counts  # (num_groups,) start of each group
-    return torch.arange(len(group), device=group.device) - first[group]
+    return torch.arange(len(group), device=group.device) - first.index_select(0, group)
 
 
 def grouped_nms(
