@@ -112,10 +112,10 @@ def clustered_loc(anchors, sizes, seed=2, jitter=0.005):
 
 
 def spy(monkeypatch, name):
-    """Record the first argument of every call of ``ssd_lightning.postprocess.<name>``."""
+    """Record the arguments of every call of ``ssd_lightning.postprocess.<name>``."""
     calls = []
     original = getattr(pp, name)
-    monkeypatch.setattr(pp, name, lambda first, *a: calls.append(first) or original(first, *a))
+    monkeypatch.setattr(pp, name, lambda *a: calls.append(a) or original(*a))
     return calls
 
 
@@ -131,7 +131,7 @@ def test_heavy_suppression_sends_more_candidates_and_still_matches_torchvision(m
     post = PostProcessor(SSDBoxCoder(anchors.cxcywh), max_detections=100)
     ours = post(loc, logits, torch.tensor(sizes))
     assert not best_pairs  # every image sent all its pairs
-    assert [len(b) for b in nms_inputs] == [3 * 200, 1215]  # the 200 best per image, then all
+    assert [len(a[0]) for a in nms_inputs] == [3 * 200, 1215]  # 200 best per image, then all
     settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
     theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=100, **settings)
     assert_same_detections(ours, theirs)
@@ -139,9 +139,9 @@ def test_heavy_suppression_sends_more_candidates_and_still_matches_torchvision(m
 
 
 def test_images_where_most_pairs_pass_send_their_best_pairs_then_more_then_all(monkeypatch):
-    # All 158 anchors hold a candidate, more than 8 * m (m = 2 * 9 detections): only the m best
-    # pairs are gathered first. Class 1 dominates and NMS keeps one box per (cluster, class),
-    # so fewer than 9 survive: 4 m best pairs, then all pairs.
+    # All 158 anchors hold a candidate, more than m (m = 2 * 9 detections): the pairs of the m
+    # best anchors are gathered first. Class 1 dominates and NMS keeps one box per (cluster,
+    # class), so fewer than 9 survive: the pairs of the 2 m best anchors, 4 m, then all.
     anchors, _, logits, sizes = small_setup(seed=3, spread=1.0)
     loc = clustered_loc(anchors, sizes, seed=4)
     logits[..., 1] += 2.0
@@ -151,9 +151,9 @@ def test_images_where_most_pairs_pass_send_their_best_pairs_then_more_then_all(m
     nms_rounds = post._nms_rounds
     monkeypatch.setattr(post, "_nms_rounds", lambda c, *a: rounds.append(c) or nms_rounds(c, *a))
     ours = post(loc, logits, torch.tensor(sizes))
-    assert len(best_pairs) == 2 and len(rounds) == 3
+    assert [m for _, _, m, *_ in best_pairs] == [18, 36, 72]
     sent = [len(r.score) for r in rounds]
-    assert sent[0] <= 18 * len(sizes) and sent[1] <= 72 * len(sizes) < sent[2]
+    assert len(sent) == 4 and sent[0] <= 18 * len(sizes) < sent[-1]
     settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
     theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=9, **settings)
     assert_same_detections(ours, theirs)
@@ -167,7 +167,7 @@ def test_best_pairs_alone_when_enough_survive(monkeypatch):
     post = PostProcessor(SSDBoxCoder(anchors.cxcywh), max_detections=5)
     ours = post(loc, logits, torch.tensor(sizes))
     assert len(best_pairs) == 1 and len(nms_inputs) == 1
-    assert len(nms_inputs[0]) <= 2 * 5 * len(sizes)
+    assert len(nms_inputs[0][0]) <= 2 * 5 * len(sizes)
     assert all(len(d["scores"]) == 5 for d in ours)
     settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
     theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=5, **settings)
@@ -218,7 +218,7 @@ def test_trained_like_outputs_match_torchvision(
     theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=200, **settings)
     assert_same_detections(ours, theirs)
     assert sum(len(d["scores"]) for d in ours) > 100
-    assert (best_pairs[0].row is not None) == rows_dropped  # softmax of some anchors only
+    assert (best_pairs[0][0].row is not None) == rows_dropped  # softmax of some anchors only
 
 
 def test_limits_threshold_and_candidates_per_class():

@@ -44,16 +44,20 @@ class PostProcessor:
     keeps small (background dominates: ~2,000 of SSD300's 8732 x 91 pairs per COCO image):
 
     1. Softmax only for the anchors where some class can pass (``class_scores``).
-    2. All the pairs above the threshold (one ``nonzero`` over the anchors that hold one).
-       An image where very many anchors hold one (an untrained model) sends only its
-       ``m = 2 * max_detections`` best pairs, found among its m best anchors.
+    2. The pairs above the threshold (one ``nonzero``). An image where more than
+       ``m = 2 * max_detections`` anchors hold one sends only its best pairs first: those
+       scoring above its (m+1)-th best anchor, found among its m best anchors
+       (``best_pairs``).
     3. The ``candidates_per_class`` best pairs of every (image, class) (one integer sort).
     4. NMS per (image, class) (``grouped_nms``) on the m best candidates of every image,
-       then on 4 m, 16 m, ... for the images left with fewer than ``max_detections``. This
-       is exact: greedy NMS decides on a box from higher-scoring boxes only, and every
-       candidate left out scores lower than all those sent, so once ``max_detections`` boxes
-       survive they are the final answer. An image of step 2 that ends up short with its m
-       best pairs (heavy suppression) is redone with all of them.
+       then on 4 m, 16 m, ... for the images left with fewer than ``max_detections``.
+    5. An image of step 2 left short (heavy suppression: a trained model's boxes cluster on
+       its objects) sends the pairs of its 2 m, 4 m, ... best anchors, then all its pairs.
+
+    Steps 2, 4 and 5 are exact: greedy NMS decides on a box from higher-scoring boxes of its
+    class only, and every pair left out scores lower than all those sent (per class too, so
+    the per-class top-k is unchanged), so once ``max_detections`` boxes survive they are the
+    final answer.
 
     Equal scores are ordered arbitrarily (as in torchvision), which can swap tied boxes at a
     cut-off.
@@ -112,11 +116,11 @@ class PostProcessor:
         best, left_out = best_pairs(scores, partial, m, self.score_threshold, num_anchors)
         found = detect(torch.cat([best, all_pairs(~partial)]))
         partial, sent = left_out, m
-        while True:  # heavy suppression: the short images send 4x more pairs, then all
+        while True:  # heavy suppression: the short images send 2x more pairs, then all
             short = partial & (torch.bincount(found.image, minlength=batch) < self.max_detections)
             if not bool(short.any()):
                 return found.split(batch)
-            sent *= 4
+            sent *= 2
             if 2 * sent < num_anchors:
                 pairs, partial = best_pairs(scores, short, sent, self.score_threshold, num_anchors)
             else:
