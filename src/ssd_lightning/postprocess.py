@@ -105,16 +105,19 @@ class PostProcessor:
         # Images with more anchors holding a pair than m send their best pairs first.
         partial = scores.per_image(alive, batch, num_anchors) > m  # (B,)
 
-        def detect(pairs: Tensor, first: int = m) -> Detections:
-            return self._nms_rounds(self._per_class(pairs, scores, boxes, scale), batch, first)
+        def detect(pairs: Tensor, first: Tensor) -> Detections:
+            return self._nms_rounds(self._per_class(pairs, scores, boxes, scale), first)
 
         def all_pairs(images: Tensor) -> Tensor:
             return scores.pairs_of(images, self.score_threshold, num_anchors)
 
+        # NMS first on the m best candidates of an image that sends all its pairs, on all of
+        # them for one that sends its best pairs.
+        first = torch.where(partial, scores.values.numel(), m)  # (B,)
         if not bool(partial.any()):
-            return detect(all_pairs(~partial)).split(batch)
+            return detect(all_pairs(~partial), first).split(batch)
         best, left_out = best_pairs(scores, partial, m, self.score_threshold, num_anchors)
-        found = detect(torch.cat([best, all_pairs(~partial)]))
+        found = detect(torch.cat([best, all_pairs(~partial)]), first)
         partial, sent = left_out, m
         while True:  # heavy suppression: the short images send 2x more pairs, then all
             short = partial & (torch.bincount(found.image, minlength=batch) < self.max_detections)
@@ -123,10 +126,11 @@ class PostProcessor:
             sent *= 2
             if 2 * sent < num_anchors:
                 pairs, partial = best_pairs(scores, short, sent, self.score_threshold, num_anchors)
-            else:
+            else:  # all pairs; NMS on the best ones first, as the sent pairs fell short
                 pairs, partial = all_pairs(short), short & False
+                first.fill_(sent)
             others = found.select(~short.index_select(0, found.image))
-            found = Detections.cat([others, detect(pairs, sent)])
+            found = Detections.cat([others, detect(pairs, first)])
 
     def _per_class(
         self, pairs: Tensor, scores: ClassScores, boxes: Tensor, scale: Tensor
@@ -145,31 +149,38 @@ class PostProcessor:
         group += pairs % num_classes  # (n,) image * C + class
         order, group = best_per_group(group, score, self.candidates_per_class)
         image = torch.div(group, num_classes, rounding_mode="floor")
-        score = score.index_select(0, order)
-        sorted_image, image_order = sort_by_group_and_score(image, score)
-        rank = torch.empty_like(image_order)
-        rank[image_order] = rank_in_groups(sorted_image, batch)  # (k,) place in its image
         pixels = boxes.index_select(0, anchor.index_select(0, order)).clamp_(0.0, 1.0)
         pixels *= scale.index_select(0, image)  # (k, 4)
-        return Candidates(group, score, pixels, rank, num_classes)
+        return Candidates(group, score.index_select(0, order), pixels, num_classes)
 
-    def _nms_rounds(self, cand: Candidates, batch: int, m: int) -> Detections:
+    def _nms_rounds(self, cand: Candidates, first: Tensor) -> Detections:
         """NMS per (image, class) and the best ``max_detections`` of every image.
 
-        Only the ``m`` best candidates of every image enter NMS; images left short (heavy
-        suppression) are redone with ``4 m``, and so on.
+        Only the ``first`` best candidates of an image enter NMS; images left short (heavy
+        suppression) are redone with 4x more, and so on.
 
         Shape:
-            cand: n candidates -> detections of every image that has candidates
+            cand: n candidates; first: (B,) int64 -> detections of every image with candidates
         """
-        num_candidates = torch.bincount(cand.image, minlength=batch)
+        batch, image = len(first), cand.image
+        num_candidates = torch.bincount(image, minlength=batch)
         todo = num_candidates > 0
         found = [cand.detections(todo[:0].nonzero()[:, 0])]  # none, for an empty batch
+        m, rank = first, None
+        if bool((num_candidates > m).any()):  # position of every candidate in its image
+            sorted_image, order = sort_by_group_and_score(image, cand.score)
+            rank = torch.empty_like(order)
+            rank[order] = rank_in_groups(sorted_image, batch)
         while bool(todo.any()):
-            sent = cand.select(todo.index_select(0, cand.image) & (cand.rank < m))
+            take = todo.index_select(0, image)
+            if rank is not None:
+                take &= rank < m.index_select(0, image)
+            sent = cand.select(take)
             keep = grouped_nms(sent.pixels, sent.score, sent.group, self.nms_threshold, NMS_CHUNK)
-            image, score = sent.image.index_select(0, keep), sent.score.index_select(0, keep)
-            best, _ = best_per_group(image, score, self.max_detections)
+            kept_image = sent.image.index_select(0, keep)
+            best, _ = best_per_group(
+                kept_image, sent.score.index_select(0, keep), self.max_detections
+            )
             kept = sent.detections(keep.index_select(0, best))
             done = todo & (
                 (torch.bincount(kept.image, minlength=batch) >= self.max_detections)
@@ -177,7 +188,7 @@ class PostProcessor:
             )
             found.append(kept.select(done.index_select(0, kept.image)))
             todo &= ~done
-            m *= 4
+            m = m * 4
         return Detections.cat(found)
 
 
@@ -230,14 +241,12 @@ class Candidates(NamedTuple):
     """Pairs that may enter NMS, by (image, class) then decreasing score.
 
     Shape:
-        group (n,) image * C + class; score (n,); pixels (n, 4) xyxy; rank (n,) position in
-        its image by decreasing score; num_classes C
+        group (n,) image * C + class; score (n,); pixels (n, 4) xyxy; num_classes C
     """
 
     group: Tensor
     score: Tensor
     pixels: Tensor
-    rank: Tensor
     num_classes: int
 
     @property
@@ -247,7 +256,7 @@ class Candidates(NamedTuple):
     def select(self, index: Tensor) -> Candidates:
         """The candidates at ``index`` (int64) or where ``index`` (bool) holds."""
         index = as_indices(index)
-        return Candidates(*(t.index_select(0, index) for t in self[:4]), self.num_classes)
+        return Candidates(*(t.index_select(0, index) for t in self[:3]), self.num_classes)
 
     def detections(self, index: Tensor) -> Detections:
         group = self.group.index_select(0, index)
