@@ -325,8 +325,9 @@ def class_scores(logits: Tensor, threshold: float) -> ClassScores:
             row = can_pass(flat).nonzero()[:, 0]
             flat = flat.index_select(0, row)
     values = flat.softmax(dim=-1)
+    best = values[:, 1:].amax(dim=1)
     values[:, 0] = -math.inf
-    return ClassScores(row, values, values.amax(dim=1))
+    return ClassScores(row, values, best)
 
 
 def best_pairs(
