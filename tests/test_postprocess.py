@@ -18,6 +18,7 @@ from ssd_lightning.postprocess import (
     class_scores,
     grouped_nms,
     rank_in_groups,
+    row_max,
     sort_by_group_and_score,
 )
 
@@ -281,6 +282,13 @@ def test_sort_by_group_and_score_and_rank_in_groups():
     assert order.tolist() == [4, 1, 3, 2, 0, 5]
     assert sorted_group.tolist() == [0, 0, 1, 2, 2, 2]
     assert rank_in_groups(sorted_group, 4).tolist() == [0, 1, 0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("columns", [1, 2, 3, 7, 20, 33, 90])
+def test_row_max_equals_amax(columns):
+    g = torch.Generator().manual_seed(columns)
+    x = torch.randn(50, columns + 1, generator=g)[:, 1:]  # a column slice, as the scores
+    assert torch.equal(row_max(x), x.amax(dim=1))
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 10_000])

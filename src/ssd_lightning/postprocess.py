@@ -325,9 +325,30 @@ def class_scores(logits: Tensor, threshold: float) -> ClassScores:
             row = can_pass(flat).nonzero()[:, 0]
             flat = flat.index_select(0, row)
     values = flat.softmax(dim=-1)
-    best = values[:, 1:].amax(dim=1)
+    best = row_max(values[:, 1:])
     values[:, 0] = -math.inf
     return ClassScores(row, values, best)
+
+
+def row_max(x: Tensor) -> Tensor:
+    """Maximum of every row: ``amax(dim=1)``, by halving the columns when they are few.
+
+    On CPU, ``amax`` over a short last dimension does not vectorise: 6.6 ms for 279k rows of
+    20 (SSD300, 21 classes, batch 32) against 3.6 ms for these elementwise maxima. Above 32
+    columns ``amax`` is faster.
+
+    Shape:
+        x: (n, c) -> (n,)
+    """
+    if x.shape[1] > 32:
+        return x.amax(dim=1)
+    while x.shape[1] > 1:
+        half = x.shape[1] // 2
+        top = torch.maximum(x[:, :half], x[:, half : 2 * half])
+        if x.shape[1] % 2:
+            top[:, 0] = torch.maximum(top[:, 0], x[:, -1])
+        x = top
+    return x[:, 0]
 
 
 def best_pairs(
