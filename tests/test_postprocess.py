@@ -267,6 +267,38 @@ def test_boxes_are_scaled_to_original_size_and_clipped():
     assert image0["labels"].tolist() == [1] and image1["labels"].tolist() == [2]
 
 
+def test_empty_batch_and_background_only_classes_give_no_detections():
+    anchors, loc, logits, sizes = small_setup()
+    post = PostProcessor(SSDBoxCoder(anchors.cxcywh))
+    assert post(loc[:0], logits[:0], torch.zeros(0, 2)) == []
+    for det in post(loc, logits[..., :1], torch.tensor(sizes)):  # no foreground class
+        assert det["boxes"].shape == (0, 4) and det["labels"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("threshold", [1.0, -0.5, 0.5])
+def test_score_thresholds_at_and_beyond_the_range_match_torchvision(threshold):
+    anchors, loc, logits, sizes = small_setup()
+    post = PostProcessor(
+        SSDBoxCoder(anchors.cxcywh),
+        score_threshold=threshold,
+        max_detections=30,
+        candidates_per_class=10,
+    )
+    ours = post(loc, logits, torch.tensor(sizes))
+    theirs = torchvision_detections(
+        anchors,
+        loc,
+        logits,
+        sizes,
+        score_thresh=threshold,
+        nms_thresh=0.45,
+        topk_candidates=10,
+        detections_per_img=30,
+    )
+    assert_same_detections(ours, theirs)
+    assert (sum(len(d["scores"]) for d in ours) == 0) == (threshold >= 1.0)
+
+
 def test_background_only_gives_empty_detections():
     loc = torch.rand(2, 5, 4)
     logits = logits_for([[0] * 5, [0] * 5], num_classes=3, confidence=20.0)

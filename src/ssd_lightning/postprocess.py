@@ -95,7 +95,9 @@ class PostProcessor:
         Shape:
             - loc: (B, A, 4); cls_logits: (B, A, C); image_sizes: (B, 2)
         """
-        batch, num_anchors = cls_logits.shape[:2]
+        batch, num_anchors, num_classes = cls_logits.shape
+        if batch == 0 or num_classes < 2:  # no image or no foreground class
+            return Detections.none(loc.device).split(batch)
         boxes = self.box_coder.decode(loc.float()).reshape(-1, 4)  # (B*A, 4) normalised xyxy
         sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=loc.device)
         scale = sizes.flip(-1).repeat(1, 2)  # (B, 4): w, h, w, h
@@ -165,7 +167,7 @@ class PostProcessor:
         batch, image = len(first), cand.image
         num_candidates = torch.bincount(image, minlength=batch)
         todo = num_candidates > 0
-        found = [cand.detections(todo[:0].nonzero()[:, 0])]  # none, for an empty batch
+        found = [Detections.none(first.device)]  # for a batch without candidates
         m, rank = first, None
         if bool((num_candidates > m).any()):  # position of every candidate in its image
             sorted_image, order = sort_by_group_and_score(image, cand.score)
@@ -277,6 +279,13 @@ class Detections(NamedTuple):
     boxes: Tensor
     scores: Tensor
     labels: Tensor
+
+    @staticmethod
+    def none(device: torch.device) -> Detections:
+        long = torch.zeros(0, dtype=torch.long, device=device)
+        return Detections(
+            long, torch.zeros(0, 4, device=device), torch.zeros(0, device=device), long
+        )
 
     def select(self, index: Tensor) -> Detections:
         """The detections at ``index`` (int64) or where ``index`` (bool) holds."""
