@@ -13,9 +13,6 @@ import torch
 from torch import Tensor
 from torchvision.ops import nms
 
-# An image with more anchors holding a passing pair than this many times m (see PostProcessor)
-# first sends only its m best pairs.
-DENSE_ANCHORS = 8
 # NMS runs on slices of about this many boxes (see ``grouped_nms``).
 NMS_CHUNK = 256
 
@@ -45,14 +42,15 @@ class PostProcessor:
 
     1. Softmax only for the anchors where some class can pass (``class_scores``).
     2. The pairs above the threshold (one ``nonzero``). An image where more than
-       ``m = 2 * max_detections`` anchors hold one sends only its best pairs first: those
-       scoring above its (m+1)-th best anchor, found among its m best anchors
-       (``best_pairs``).
+       ``m = 2 * max_detections`` anchors hold one (an untrained model: all of them) sends
+       only its best pairs first: those scoring above its (m+1)-th best anchor, found among
+       its m best anchors (``best_pairs``).
     3. The ``candidates_per_class`` best pairs of every (image, class) (one integer sort).
-    4. NMS per (image, class) (``grouped_nms``) on the m best candidates of every image,
-       then on 4 m, 16 m, ... for the images left with fewer than ``max_detections``.
+    4. NMS per (image, class) (``grouped_nms``), then the ``max_detections`` best of every
+       image. An image that sent all its pairs goes through NMS with its m best candidates
+       first, then 4 m, 16 m, ... while it is left with fewer than ``max_detections``.
     5. An image of step 2 left short (heavy suppression: a trained model's boxes cluster on
-       its objects) sends the pairs of its 2 m, 4 m, ... best anchors, then all its pairs.
+       its objects) sends the pairs of its 2 m, 4 m, ... best anchors, at last all its pairs.
 
     Steps 2, 4 and 5 are exact: greedy NMS decides on a box from higher-scoring boxes of its
     class only, and every pair left out scores lower than all those sent (per class too, so
