@@ -365,12 +365,16 @@ def best_pairs(
     image's (m+1)-th best anchor (and above ``threshold``).
 
     An anchor holding a pair above t has a best score above t, so it is one of the image's m
-    best anchors: gathering their pairs above t finds every pair of the image above t, at least
-    m of them (each of the m anchors' best), and no pair left out scores above t.
+    best anchors: gathering their pairs above t finds every pair of the image above t (at
+    least m of them: each of the m anchors' best, barring ties), and every pair left out
+    scores at most t, below all those found.
 
     Returns:
-        Flat indices into ``scores.values``, and which images (B,) bool have pairs above the
-        threshold left out.
+        Flat indices into ``scores.values``, and which images have pairs above the threshold
+        left out.
+
+    Shape:
+        images: (B,) bool -> (n,), (B,) bool
     """
     batch, num_classes = len(images), scores.values.shape[1]
     best = scores.best
