@@ -42,7 +42,7 @@ class PostProcessor:
 
     1. Softmax only for the anchors where some class can pass (``class_scores``).
     2. The pairs above the threshold (one ``nonzero``). An image where more than
-       ``m = 2 * max_detections`` anchors hold one (an untrained model: all of them) sends
+       ``m = 3 * max_detections`` anchors hold one (an untrained model: all of them) sends
        only its best pairs first: those scoring above its (m+1)-th best anchor, found among
        its m best anchors (``best_pairs``).
     3. The ``candidates_per_class`` best pairs of every (image, class) (one integer sort).
@@ -101,7 +101,10 @@ class PostProcessor:
         scale = sizes.flip(-1).repeat(1, 2)  # (B, 4): w, h, w, h
         scores = class_scores(cls_logits.float(), self.score_threshold)
         alive = scores.best > self.score_threshold  # (r,) rows holding a pair
-        m = 2 * self.max_detections
+        # About a third of the best pairs survive NMS on trained-like outputs (their boxes
+        # cluster on objects), almost all on random ones: 3x sends enough in one step for most
+        # images of both (2x: 10-30% slower on trained-like outputs, 4x: 10-25% on random).
+        m = 3 * self.max_detections
         # Images with more anchors holding a pair than m send their best pairs first.
         partial = scores.per_image(alive, batch, num_anchors) > m  # (B,)
 
