@@ -463,15 +463,15 @@ def grouped_nms(
     thousands (most pairs compared are of different classes); one call per group, and
     ``batched_nms`` (on CPU above 1,000 boxes: a Python loop over groups, each scanning all
     boxes), pay the call cost hundreds of times per batch. Measured at batch 32, SSD300, one
-    thread (ms; "first": the candidates that enter NMS first, <= ~400 per image; "all": every
+    thread (ms; "first": the candidates that enter NMS first, <= ~600 per image; "all": every
     candidate):
 
         outputs, boxes sent          256-box slices  per image  per group  batched_nms
-        random 21 classes, first           6.7          7.9        21.2        60.3
-        trained-like 91, first             6.8          7.0        23.2        45.3
-        trained-like 21, first             5.0          4.8        12.9        27.2
-        trained-like 91, all              24.4         81.0        42.6       107.5
-        trained-like 21, all              63.7        199.4        66.5       175.5
+        random 21 classes, first          10.8         15.8        23.4        57.8
+        trained-like 91, first             8.7         10.5        25.0        54.5
+        trained-like 21, first             8.0          8.1        15.6        34.2
+        trained-like 91, all              23.8         80.3        42.5       107.3
+        trained-like 21, all              63.8        197.9        67.1       171.7
 
     Returns:
         Indices of the boxes kept, by slice then decreasing score.
