@@ -337,7 +337,7 @@ def plot_sizes(reports: Sequence[CoverageReport], path: str | Path) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name=CONFIG_NAME)
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
 def _hydra_main(cfg: DictConfig) -> None:
     analyse(cfg)
 

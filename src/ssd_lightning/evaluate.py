@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ssd_lightning.config import check_required
+from ssd_lightning.config import CONFIG_DIR, check_required
 from ssd_lightning.ddp import launched_local_ranks
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.metrics import format_table
@@ -102,7 +102,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
