@@ -93,14 +93,16 @@ class BoxesDataModule(L.LightningDataModule):
         return self.train_dataloader()
 
 
-def fit(module: SSDModule, steps: int, datamodule: BoxesDataModule | None = None) -> L.Trainer:
+def fit(
+    module: SSDModule, steps: int, datamodule: BoxesDataModule | None = None, **trainer_args
+) -> L.Trainer:
     datamodule = datamodule or BoxesDataModule()
     if datamodule.box_coder is None:
         datamodule.set_box_coder(module.box_coder)
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0,
+        limit_val_batches=0, **trainer_args,
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
     return trainer
@@ -226,6 +228,16 @@ def test_channels_last_trains_on_cpu() -> None:
     module = make_module(tiny_net(batch_norm=True), channels_last=True)
     fit(module, 2)
     assert module.net.backbone.conv4_3[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_mixed_precision_trains_on_cpu() -> None:
+    module = make_module()
+    before = [p.detach().clone() for p in module.net.parameters()]
+    fit(module, 2, precision="bf16-mixed")
+    after = list(module.net.parameters())
+    assert all(p.dtype == torch.float32 for p in after)  # fp32 master weights
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert module._nonfinite_total == 0
 
 
 def test_detect_returns_boxes_in_original_pixels() -> None:

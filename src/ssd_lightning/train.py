@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.callbacks import ReseedEveryEpoch, tensorboard
-from ssd_lightning.config import check_required, to_plain
+from ssd_lightning.config import CONFIG_DIR, check_required, to_plain
 from ssd_lightning.ddp import launched_local_ranks
 from ssd_lightning.module import SSDModule
 
@@ -94,7 +94,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, extra_callbacks)
     with launched_local_ranks(trainer, cfg, cfg.paths.output_dir):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # Our checkpoints hold only tensors and plain values: resume without unpickling code.
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
+        )
     metrics = final_metrics(trainer)
     if trainer.is_global_zero:
         _log_hparams(trainer, cfg, metrics)
@@ -187,7 +190,7 @@ def _hydra_overrides_for_other_ranks(argv: list[str]) -> list[str]:
     return [*argv, "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get("val/mAP")  # the value a Hydra sweeper optimises
