@@ -108,7 +108,8 @@ def test_predict_writes_coco_results_and_drawn_images(run, tmp_path: Path) -> No
     ]
     assert json.loads((out / "detections.json").read_text()) == results
 
-    # The same detections as SSDModule.detect on the same images, one at a time.
+    # The same detections as SSDModule.detect on the same images, one at a time, with the
+    # network in the default layout (predict runs it channels-last).
     module = module_from_checkpoint(
         load_checkpoint(run["ckpt"]), score_threshold=SCORE_THRESHOLD, max_detections=20
     )

@@ -66,6 +66,7 @@ def test_run_writes_metrics_checkpoints_and_tensorboard(two_epoch_run) -> None:
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(p.startswith("best-") for p in checkpoints)
     assert Path(metrics["best_checkpoint"]).is_file()
+    assert 0 < metrics["train_time_s"] < 600
 
     tags: dict[str, list[str]] = {"scalars": [], "images": []}
     for events in (out / "tensorboard").glob("events.out.tfevents.*"):

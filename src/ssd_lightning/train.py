@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
 
     Returns:
         ``val/*`` metrics of the last validation, plus ``best_mAP``, ``best_checkpoint``,
-        ``last_checkpoint`` and ``log_dir``.
+        ``last_checkpoint``, ``log_dir`` and ``train_time_s`` (wall time of fitting, seconds).
     """
     check_required(cfg)
     if cfg.get("seed") is not None:
@@ -93,12 +94,14 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, extra_callbacks)
+    start = time.perf_counter()
     with launched_local_ranks(trainer, cfg, cfg.paths.output_dir):
         # Our checkpoints hold only tensors and plain values: resume without unpickling code.
         trainer.fit(
             module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
         )
     metrics = final_metrics(trainer)
+    metrics["train_time_s"] = round(time.perf_counter() - start, 1)
     if trainer.is_global_zero:
         _log_hparams(trainer, cfg, metrics)
         _write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
@@ -134,7 +137,7 @@ def summary(metrics: dict[str, Any]) -> str:
 
     lines = [
         f"validation mAP {pct('val/mAP')}  mAP_50 {pct('val/mAP_50')}  "
-        f"(best mAP {pct('best_mAP')})",
+        f"(best mAP {pct('best_mAP')}) after {metrics.get('train_time_s', 0) / 60:.1f} min",
         f"best checkpoint: {metrics.get('best_checkpoint')}",
         f"last checkpoint: {metrics.get('last_checkpoint')}",
         f"TensorBoard logs: tensorboard --logdir {metrics.get('log_dir')}",
