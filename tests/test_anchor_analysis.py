@@ -303,7 +303,14 @@ def test_cli_rejects_anchor_configs_that_do_not_fit_the_network(tmp_path, shapes
 
 def test_bccd_coverage_from_annotations_only(bccd_root: Path):
     cfg = compose_config(
-        ["experiment=bccd", f"data.root={bccd_root}"],
+        # SSD300's six maps at 300x300 (the experiment's own CPU network has five, at 256x256)
+        [
+            "experiment=bccd",
+            f"data.root={bccd_root}",
+            "model=ssd300_vgg16",
+            "model.image_size=300",
+            "anchors=ssd300",
+        ],
         config_name="anchor_coverage",
         output_dir="unused",
     )

@@ -8,7 +8,9 @@ from ``cfg.model`` and analyses the anchors of ``cfg.anchors``, plus any named i
 Prints one table with a column per configuration and writes ``anchor_coverage.json``,
 ``anchor_coverage.md`` and ``anchor_sizes.png`` into the run folder. Examples::
 
-    ssd-anchors experiment=bccd data.root=/data/bccd compare=[ssd300_voc,ssd300_coco] suggest=true
+    ssd-anchors experiment=bccd data.root=/data/bccd suggest=true
+    ssd-anchors experiment=bccd data.root=/data/bccd model=ssd300_vgg16 model.image_size=300 \
+        anchors=ssd300 compare=[ssd300_voc,ssd300_coco]
     ssd-anchors data=coco data.root=/data/coco anchors=ssd300_coco iou_threshold=0.4
 
 ``analyse(cfg)`` is the plain function behind it (tests compose a config and call it).
