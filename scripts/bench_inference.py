@@ -70,9 +70,9 @@ def make_torchvision_model(candidates: int, calibration: Tensor) -> nn.Module:
     return tv
 
 
-def background_bias(logits: Tensor, candidates: int) -> float:
+def background_bias(logits: Tensor, candidates: float) -> float:
     """Background logit offset giving about ``candidates`` pairs above 0.01 per image."""
-    low, high = -10.0, 30.0
+    low, high = -10.0, 40.0
     for _ in range(40):  # bisection: more bias -> fewer pairs
         mid = (low + high) / 2
         shifted = logits.clone()

@@ -34,6 +34,7 @@ import torchvision
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.ssd import SSD
 
+from bench_inference import background_bias  # sibling script (scripts/ is on sys.path)
 from ssd_lightning.anchors import DefaultBoxes
 from ssd_lightning.encoder import SSDBoxCoder
 from ssd_lightning.loss import MultiBoxLoss
@@ -202,18 +203,6 @@ def trained_like_outputs(batch, classes, pairs, gen, coder, objects, near=0.25):
     target = pairs * len(coder) * (classes - 1) if pairs < 1 else pairs
     logits[..., 0] += background_bias(logits, target)
     return loc, logits
-
-
-def background_bias(logits, target):
-    """Background logit offset giving about ``target`` pairs above 0.01 per image."""
-    low, high = -10.0, 40.0
-    for _ in range(25):  # bisection: more bias, fewer pairs
-        mid = (low + high) / 2
-        shifted = logits.clone()
-        shifted[..., 0] += mid
-        above = (shifted.softmax(-1)[..., 1:] > 0.01).sum().item() / len(logits)
-        low, high = (mid, high) if above > target else (low, mid)
-    return (low + high) / 2
 
 
 def bench_postprocess(loc, logits, device, gen, anchors, coder):

@@ -21,3 +21,9 @@ def bccd_root() -> Path:
 @pytest.fixture
 def coco128_root() -> Path:
     return shared_dataset("coco128")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated shapes data shared by all runs of the session (per xdist worker)."""
+    return tmp_path_factory.mktemp("cache")

@@ -251,19 +251,13 @@ def test_format_suggestion_flags_grid_edges():
     assert "s_max=0.75 is on the edge" in text and "s_min=0.15 is on the edge" not in text
 
 
-@pytest.fixture(scope="module")
-def shapes_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Generated tiny shapes data shared by the CLI tests."""
-    return tmp_path_factory.mktemp("cache")
-
-
-def test_cli_analyse_on_tiny_experiment(tmp_path: Path, shapes_cache: Path):
+def test_cli_analyse_on_tiny_experiment(tmp_path: Path, cache_dir: Path):
     other = tmp_path / "wide.yaml"
     other.write_text("aspect_ratios: [[2], [2, 3], [2, 3], [2]]\ns_min: 0.1\ns_max: 0.95\n")
     cfg = compose_config(
         [
             "experiment=tiny",
-            f"paths.cache_dir={shapes_cache}",
+            f"paths.cache_dir={cache_dir}",
             f"compare=[tiny,{other}]",
             "suggest=true",
             "s_min_values=[0.1,0.2]",
@@ -287,8 +281,8 @@ def test_cli_analyse_on_tiny_experiment(tmp_path: Path, shapes_cache: Path):
     assert "| suggested |" in (tmp_path / "run" / "anchor_coverage.md").read_text()
 
 
-def test_cli_rejects_anchor_configs_that_do_not_fit_the_network(tmp_path, shapes_cache):
-    overrides = ["experiment=tiny", f"paths.cache_dir={shapes_cache}", "progress=false"]
+def test_cli_rejects_anchor_configs_that_do_not_fit_the_network(tmp_path, cache_dir):
+    overrides = ["experiment=tiny", f"paths.cache_dir={cache_dir}", "progress=false"]
     cfg = compose_config(
         [*overrides, "compare=[ssd300]"], config_name="anchor_coverage", output_dir=tmp_path
     )

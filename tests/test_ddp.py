@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ import pytest
 import torch
 
 from ssd_lightning.config import compose_config
+from ssd_lightning.data.datamodule import ssd_collate
+from ssd_lightning.ddp import _free_port
 from ssd_lightning.evaluate import evaluate
 
 WORKER = """
@@ -28,12 +29,6 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
@@ -41,29 +36,24 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _tiny_args(tmp_path: Path, cache: Path) -> list[str]:
+def _tiny_args(tmp_path: Path, cache_dir: Path) -> list[str]:
     return [
         "experiment=tiny",
         "data.shapes.num_val=15",  # odd: a padding sampler would evaluate one image twice
         "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
         f"paths.log_dir={tmp_path / 'logs'}",
-        f"paths.cache_dir={cache}",
+        f"paths.cache_dir={cache_dir}",
     ]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def grads_of_half_batch(rank: int, world: int) -> dict[str, torch.Tensor]:
     """Gradients of this rank's share of a fixed batch of 8 images, loss from SSDModule."""
-    from test_module import BoxesDataset, collate, make_module, tiny_net
+    from test_module import BoxesDataset, make_module, tiny_net
 
     module = make_module(tiny_net(batch_norm=False))  # no BatchNorm: per-rank statistics
     samples = [BoxesDataset(module.box_coder, 8)[i] for i in range(8)]
-    batch = collate(samples[rank::world])
+    batch = ssd_collate(samples[rank::world])
     losses, _ = module._losses(batch)
     losses["loss"].backward()
     grads = {name: p.grad.clone() for name, p in module.net.named_parameters()}
@@ -94,13 +84,13 @@ def test_loss_normalisation_makes_ddp_match_one_process(tmp_path: Path) -> None:
         torch.testing.assert_close((ranks[0]["losses"][key] + ranks[1]["losses"][key]) / 2, value)
 
 
-def test_ddp_two_cpu_processes_in_a_hydra_sweep(tmp_path: Path, cache: Path) -> None:
+def test_ddp_two_cpu_processes_in_a_hydra_sweep(tmp_path: Path, cache_dir: Path) -> None:
     """`trainer=ddp_cpu` inside `--multirun`: one folder per job, each trained by 2 ranks,
     validation over the whole set exactly once (equal to a one-process evaluation)."""
     result = subprocess.run(
         [
             sys.executable, "-m", "ssd_lightning.train", "-m", "trainer=ddp_cpu",
-            "loss.neg_pos_ratio=2,3", *_tiny_args(tmp_path, cache),
+            "loss.neg_pos_ratio=2,3", *_tiny_args(tmp_path, cache_dir),
         ],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -118,7 +108,7 @@ def test_ddp_two_cpu_processes_in_a_hydra_sweep(tmp_path: Path, cache: Path) -> 
         checkpoint = torch.load(metrics["last_checkpoint"], weights_only=True)
         assert checkpoint["global_step"] == 2  # 32 images / (8 per rank x 2 ranks)
         cfg = compose_config(
-            [*_tiny_args(tmp_path, cache), f"ckpt_path={metrics['last_checkpoint']}"],
+            [*_tiny_args(tmp_path, cache_dir), f"ckpt_path={metrics['last_checkpoint']}"],
             config_name="eval",
             output_dir=tmp_path / "eval",
         )
@@ -127,11 +117,11 @@ def test_ddp_two_cpu_processes_in_a_hydra_sweep(tmp_path: Path, cache: Path) -> 
             assert metrics[f"val/{key}"] == pytest.approx(single[key], abs=1e-6), key
 
 
-def test_torchrun_two_nodes_over_loopback(tmp_path: Path, cache: Path) -> None:
+def test_torchrun_two_nodes_over_loopback(tmp_path: Path, cache_dir: Path) -> None:
     """Two torchrun "nodes" of one CPU process each: one run folder, written by rank 0."""
     port = str(_free_port())
     args = [
-        *_tiny_args(tmp_path, cache),
+        *_tiny_args(tmp_path, cache_dir),
         "trainer=multinode",
         "trainer.accelerator=cpu",
         "trainer.precision=32-true",

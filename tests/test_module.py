@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ssd_lightning.anchors import DefaultBoxes
+from ssd_lightning.data.datamodule import ssd_collate
 from ssd_lightning.encoder import SSDBoxCoder
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.models import SSD, VGG16Features
@@ -60,20 +61,16 @@ class BoxesDataset(Dataset):
         box = torch.tensor([[x0, y0, x0 + 40, y0 + 40]], dtype=torch.float32)
         label = torch.tensor([1 + i % 2])
         loc, labels = self.coder.encode(box / SIZE, label)
-        return {"image": image, "loc": loc, "labels": labels, "box": box, "label": label}
-
-
-def collate(samples: list[dict]) -> dict:
-    return {
-        "images": torch.stack([s["image"] for s in samples]),
-        "loc_targets": torch.stack([s["loc"] for s in samples]),
-        "labels": torch.stack([s["labels"] for s in samples]),
-        "gt_boxes": [s["box"] for s in samples],
-        "gt_labels": [s["label"] for s in samples],
-        "gt_difficult": [torch.zeros(1, dtype=torch.bool) for _ in samples],
-        "image_ids": torch.arange(len(samples)),
-        "orig_sizes": torch.tensor([[SIZE, SIZE]] * len(samples)),
-    }
+        return {  # an SSDTargetDataset sample, for the DataModule's ssd_collate
+            "image": image,
+            "loc_targets": loc,
+            "labels": labels,
+            "gt_boxes": box,
+            "gt_labels": label,
+            "gt_difficult": torch.zeros(1, dtype=torch.bool),
+            "image_id": i,
+            "orig_size": (SIZE, SIZE),
+        }
 
 
 class BoxesDataModule(L.LightningDataModule):
@@ -87,7 +84,8 @@ class BoxesDataModule(L.LightningDataModule):
         self.box_coder = coder
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(BoxesDataset(self.box_coder, self.n), batch_size=4, collate_fn=collate)
+        dataset = BoxesDataset(self.box_coder, self.n)
+        return DataLoader(dataset, batch_size=4, collate_fn=ssd_collate)
 
     def val_dataloader(self) -> DataLoader:
         return self.train_dataloader()
@@ -139,7 +137,7 @@ def test_datamodule_with_other_default_boxes_is_refused() -> None:
 
 def test_loss_is_normalised_by_the_positive_count() -> None:
     module = make_module()
-    batch = collate([BoxesDataset(module.box_coder)[i] for i in range(4)])
+    batch = ssd_collate([BoxesDataset(module.box_coder)[i] for i in range(4)])
     losses, nonfinite = module._losses(batch)
     loc, logits = module(batch["images"])
     reference = MultiBoxLoss()(loc, logits, batch["loc_targets"], batch["labels"])

@@ -20,12 +20,6 @@ from ssd_lightning.train import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Generated shapes data shared by all runs of the session."""
-    return tmp_path_factory.mktemp("cache")
-
-
 def tiny_config(out: Path, cache: Path, *overrides: str, name: str = "train"):
     return compose_config(
         [

@@ -86,7 +86,11 @@ class ReseedEveryEpoch(Callback):
         if stage != "fit":
             return
         self._first_epoch_of_fit = True
-        self._reseed(trainer, self._resume_epoch(), _main_process_transform(trainer))
+        datamodule = getattr(trainer, "datamodule", None)
+        loads_here = datamodule is not None and getattr(datamodule, "num_workers", 1) == 0
+        # a new loader object over the same dataset (the trainer's does not exist yet)
+        loader = datamodule.train_dataloader() if loads_here else None
+        self._reseed(trainer, self._resume_epoch(), _main_process_transform(loader))
 
     def _resume_epoch(self) -> int:
         if not self.ckpt_path:
@@ -99,10 +103,7 @@ class ReseedEveryEpoch(Callback):
         if self._first_epoch_of_fit:  # iterator already created and seeded
             self._first_epoch_of_fit = False
             return
-        loader = trainer.train_dataloader
-        transform = None
-        if getattr(loader, "num_workers", 1) == 0:
-            transform = getattr(getattr(loader, "dataset", None), "transform", None)
+        transform = _main_process_transform(trainer.train_dataloader)
         self._reseed(trainer, trainer.current_epoch, transform)
 
     def _reseed(self, trainer: L.Trainer, epoch: int, transform: Any) -> None:
@@ -113,13 +114,11 @@ class ReseedEveryEpoch(Callback):
             transform.set_random_seed(self.seed + epoch + 1000003 * trainer.global_rank)
 
 
-def _main_process_transform(trainer: L.Trainer) -> Any:
-    """The training transform when the DataModule loads in the main process, else None."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is None or getattr(datamodule, "num_workers", 1) != 0:
+def _main_process_transform(loader: Any) -> Any:
+    """The dataset's transform when ``loader`` loads in this process, else None."""
+    if getattr(loader, "num_workers", 1) != 0:
         return None
-    loader = datamodule.train_dataloader()  # a new loader object over the same dataset
-    return getattr(loader.dataset, "transform", None)
+    return getattr(getattr(loader, "dataset", None), "transform", None)
 
 
 class PredictionImages(Callback):

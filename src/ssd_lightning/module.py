@@ -200,7 +200,7 @@ class SSDModule(L.LightningModule):
         labels = batch["labels"]
         sums = self.loss(loc, cls_logits, batch["loc_targets"], labels, num_positives=1.0)
         local = torch.stack([(labels > 0).sum().float(), (~torch.isfinite(sums["loss"])).float()])
-        total, world = _all_reduce_sum(local.detach())
+        total, world = _all_reduce(local.detach(), "SUM")
         normaliser = (total[0] / world).clamp(min=1.0)
         return {k: v / normaliser for k, v in sums.items()}, total[1] > 0
 
@@ -269,7 +269,8 @@ class SSDModule(L.LightningModule):
         short ranks therefore add empty images (no ground truth, no detection): they match
         nothing and change neither COCO nor VOC AP.
         """
-        count, world = _all_reduce_max(torch.tensor(float(self._val_images), device=self.device))
+        images = torch.tensor(float(self._val_images), device=self.device)
+        count, world = _all_reduce(images, "MAX")
         missing = int(count) - self._val_images
         if world == 1 or missing == 0:
             return
@@ -320,22 +321,14 @@ class SSDModule(L.LightningModule):
             self.label_map = {int(k): int(v) for k, v in meta["label_map"].items()}
 
 
-def _all_reduce_sum(values: Tensor) -> tuple[Tensor, int]:
-    """Sum of ``values`` over all processes (itself without torch.distributed), and their count."""
+def _all_reduce(values: Tensor, op: str) -> tuple[Tensor, int]:
+    """``values`` reduced over all processes with ``op`` ("SUM", "MAX"; themselves without
+    torch.distributed), and the number of processes."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values, 1
     values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    dist.all_reduce(values, op=getattr(dist.ReduceOp, op))
     return values, dist.get_world_size()
-
-
-def _all_reduce_max(value: Tensor) -> tuple[Tensor, int]:
-    """Maximum of a scalar over all processes, and the number of processes."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value, 1
-    value = value.clone()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value, dist.get_world_size()
 
 
 def _targets(batch: dict[str, Any]) -> list[dict[str, Tensor]]:

@@ -168,7 +168,8 @@ def predict(
     hparams = module.hparams
     out = Path(output_dir)
     root, files = find_images(input)
-    files = [f for f in files if out.resolve() not in f.resolve().parents]  # earlier outputs
+    resolved = out.resolve()
+    files = [f for f in files if resolved not in f.resolve().parents]  # earlier outputs
     dataset = ImageFiles(files, hparams.image_size, hparams.mean, hparams.std)
     loader = DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=_collate)
     num_classes = int(hparams.net_config.get("num_classes") or len(module.class_names) + 1)
