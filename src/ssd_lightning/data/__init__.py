@@ -7,6 +7,7 @@ from ssd_lightning.data.records import AnnotationRecords
 from ssd_lightning.data.shapes import SHAPE_CLASSES, ShapesDataset, ensure_shapes, generate_shapes
 from ssd_lightning.data.validation import BadSampleError, DatasetReport
 from ssd_lightning.data.voc import VOCDataset
+from ssd_lightning.data.yolo import YOLODataset
 
 __all__ = [
     "SHAPE_CLASSES",
@@ -18,6 +19,7 @@ __all__ = [
     "ImageReadError",
     "ShapesDataset",
     "VOCDataset",
+    "YOLODataset",
     "ensure_shapes",
     "generate_shapes",
     "read_image",
