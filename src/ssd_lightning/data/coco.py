@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ssd_lightning.data.dataset import DetectionDataset, Sample, verify_image
-from ssd_lightning.data.images import ImageReadError, read_image_size
+from ssd_lightning.data.dataset import DetectionDataset, Sample
+from ssd_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image_size
 from ssd_lightning.data.records import RecordsBuilder
 from ssd_lightning.data.validation import (
     DUPLICATE_IMAGE,
@@ -42,8 +42,9 @@ class COCODataset(DetectionDataset):
     Args:
         annotation_file: COCO ``instances`` JSON.
         image_dir: Folder that ``images[].file_name`` is relative to.
-        check_images: Read every image header at setup (~40 us each) so unreadable files and
-            size mismatches are reported now rather than when first decoded.
+        check_images: Check every image file at setup (header, size against the JSON's
+            width/height, pixel limit, truncation; see ``DetectionDataset``).
+        max_image_pixels: Images with more pixels are bad samples (None: no limit).
         on_bad_sample: ``"skip"`` or ``"raise"`` (see ``ssd_lightning.data.validation``).
         transform: Optional callable applied to each sample dict.
 
@@ -60,7 +61,8 @@ class COCODataset(DetectionDataset):
         self,
         annotation_file: str | os.PathLike[str],
         image_dir: str | os.PathLike[str],
-        check_images: bool = False,
+        check_images: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         on_bad_sample: OnBadSample = "skip",
         transform: Callable[[Sample], Sample] | None = None,
     ) -> None:
@@ -72,7 +74,7 @@ class COCODataset(DetectionDataset):
         label_map, names = _categories(data["categories"], self.annotation_file)
         builder = RecordsBuilder()
         index_of_id, file_names, all_ids = _read_images(
-            data["images"], self.annotation_file, Path(image_dir), builder, recorder, check_images
+            data["images"], self.annotation_file, Path(image_dir), builder, recorder
         )
         _read_annotations(
             data.get("annotations", []), self.annotation_file, index_of_id, all_ids,
@@ -86,12 +88,15 @@ class COCODataset(DetectionDataset):
             ),
         )
         super().__init__(
-            records, ["background", *names], label_map, report, on_bad_sample, transform
-        )
+            records, ["background", *names], label_map, report, on_bad_sample, transform,
+            check_images, max_image_pixels,
+        )  # fmt: skip
 
 
 def load_coco_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a COCO JSON file; errors name the file and the position."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(path)}: COCO annotation file not found")
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
@@ -124,14 +129,15 @@ def _read_images(
     image_dir: Path,
     builder: RecordsBuilder,
     recorder: ProblemRecorder,
-    check_images: bool,
 ) -> tuple[dict[int, int], list[str], set[int]]:
     """Add valid image entries to the builder.
 
     Returns:
         Image id -> index of kept images, their file names, and every image id listed.
     """
-    present = set(os.listdir(image_dir)) if image_dir.is_dir() else set()
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir}: image folder not found (for {path})")
+    present = set(os.listdir(image_dir))
     index_of_id: dict[int, int] = {}
     file_names: list[str] = []
     all_ids: set[int] = set()
@@ -154,7 +160,7 @@ def _read_images(
             recorder.skip(MISSING_IMAGE, f"{image_path}: image file not found (id {image_id})")
             continue
         size = _image_size(entry, image_path, path, recorder)
-        if size is None or (check_images and not verify_image(image_path, size, recorder)):
+        if size is None:
             continue
         index_of_id[image_id] = builder.add_image(image_path, image_id, size)
         file_names.append(file_name)

@@ -125,20 +125,30 @@ class SSDTargetDataset(Dataset):
         dataset: returns sample-contract dicts (see ``ssd_lightning.data.dataset``).
         transform: augmentation or eval transform.
         assigner: GT-to-default-box assignment.
+        drop_bad: a sample that cannot be read becomes None (dropped by ``ssd_collate``)
+            instead of being replaced by another one (evaluation: no image scored twice).
+            Needs a dataset with ``get(index, substitute)`` (``DetectionDataset``).
     """
 
     def __init__(
-        self, dataset: Dataset, transform: DetectionTransform, assigner: SSDTargetAssigner
+        self,
+        dataset: Dataset,
+        transform: DetectionTransform,
+        assigner: SSDTargetAssigner,
+        drop_bad: bool = False,
     ) -> None:
         self.dataset = dataset
         self.transform = transform
         self.assigner = assigner
+        self.drop_bad = drop_bad and hasattr(dataset, "get")
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.dataset[index]
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        sample = self.dataset.get(index, substitute=False) if self.drop_bad else self.dataset[index]
+        if sample is None:
+            return None
         n = len(sample["boxes"])
         # Original GT for evaluation, copied before the transform sees the arrays.
         gt_boxes = np.array(sample["boxes"], dtype=np.float32).reshape(n, 4)
@@ -164,8 +174,14 @@ class SSDTargetDataset(Dataset):
         }
 
 
-def ssd_collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack ``SSDTargetDataset`` samples into the batch dict (see the module docstring)."""
+def ssd_collate(samples: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """Stack ``SSDTargetDataset`` samples into the batch dict (see the module docstring).
+
+    Dropped samples (None) are left out; a batch of only dropped samples is None.
+    """
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
     return {
         "images": torch.stack([s["image"] for s in samples]),
         "loc_targets": torch.stack([s["loc_targets"] for s in samples]),
@@ -293,7 +309,9 @@ class SSDDataModule(LightningDataModule):
         ):
             if dataset is None or split in self._wrapped:
                 continue
-            self._wrapped[split] = SSDTargetDataset(dataset, transform, assigner)
+            self._wrapped[split] = SSDTargetDataset(
+                dataset, transform, assigner, drop_bad=split != "train"
+            )
             if self.trainer is None or self.trainer.is_global_zero:
                 summary = dataset.summary() if hasattr(dataset, "summary") else ""
                 log.info("%s dataset: %d images\n%s", split, len(dataset), summary)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import cv2
 import numpy as np
@@ -19,17 +20,30 @@ from PIL import Image, ImageOps
 
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xaeB`\x82"
+# Images above this many pixels are bad samples (data.max_image_pixels): 100 megapixels decode
+# to 300 MB of RGB; OpenCV refuses files above 2^30 pixels with an error that names no file.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
 
 class ImageReadError(OSError):
     """An image file is missing, unreadable, truncated or not an image; the message names it."""
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+class ImageTooLargeError(ImageReadError):
+    """An image has more pixels than the configured limit; the message names it."""
+
+
+def read_image(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Decode an image file to RGB.
 
     Args:
         path: Image file (JPEG, PNG, BMP, WebP, TIFF, ...).
+        max_pixels: Refuse images with more pixels (checked on the header, before decoding);
+            None for no limit.
 
     Returns:
         The pixels with the EXIF orientation applied; grey, RGBA, CMYK and 16-bit images are
@@ -40,6 +54,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
     Raises:
         ImageReadError: if the file is missing, truncated or cannot be decoded.
+        ImageTooLargeError: if it has more than ``max_pixels`` pixels.
     """
     try:
         with open(path, "rb") as f:
@@ -48,11 +63,57 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageReadError(f"{os.fspath(path)}: cannot read image file: {e.strerror or e}") from e
     if not data:
         raise ImageReadError(f"{os.fspath(path)}: image file is empty")
+    if max_pixels is not None:
+        _check_pixels(_header_size(io.BytesIO(data), path), max_pixels, path)
     if not (data.startswith(_JPEG_SOI) and not _ends_with_eoi(data)):
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        try:
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error:  # e.g. a header OpenCV refuses; Pillow decides below
+            bgr = None
         if bgr is not None:
             return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     return _decode_with_pil(data, path)
+
+
+def check_image_file(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[int, int]:
+    """Setup-time check without decoding: readable header, pixel limit, not truncated.
+
+    Truncation is detected for JPEG (no End-Of-Image marker) and PNG (no IEND chunk), the
+    formats whose end is marked; the header gives the size and format of every other.
+
+    Returns:
+        (height, width) after EXIF orientation, as ``read_image`` would return them.
+
+    Raises:
+        ImageReadError: empty, missing, not an image, or truncated (the message says which).
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+    """
+    size = read_image_size(path)
+    if max_pixels is not None:
+        _check_pixels(size, max_pixels, path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
+            tail = f.read()
+    except OSError as e:
+        raise ImageReadError(f"{os.fspath(path)}: cannot read image file: {e.strerror or e}") from e
+    if head.startswith(_JPEG_SOI) and not _ends_with_eoi(tail):
+        raise ImageReadError(f"{os.fspath(path)}: truncated JPEG (no End-Of-Image marker)")
+    if head.startswith(_PNG_SIGNATURE) and not tail.rstrip(b"\x00").endswith(_PNG_IEND):
+        raise ImageReadError(f"{os.fspath(path)}: truncated PNG (no IEND chunk)")
+    return size
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, path: str | os.PathLike[str]) -> None:
+    height, width = size
+    if height * width > max_pixels:
+        raise ImageTooLargeError(
+            f"{os.fspath(path)}: image is {width}x{height} ({height * width / 1e6:.0f} "
+            f"megapixels), above the limit of {max_pixels / 1e6:.0f} (data.max_image_pixels)"
+        )
 
 
 def _ends_with_eoi(data: bytes) -> bool:
@@ -71,7 +132,9 @@ def _decode_with_pil(data: bytes, path: str | os.PathLike[str]) -> np.ndarray:
                 grey = (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
                 return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
             return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{os.fspath(path)}: image too large to decode: {e}") from e
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"{os.fspath(path)}: cannot decode image: {e}") from e
 
 
@@ -84,11 +147,30 @@ def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     Raises:
         ImageReadError: if the file is missing or its header is not a known image format.
     """
+    return _header_size(path, path)
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation from the header; PNG's ``getexif`` would decode the whole image."""
+    if img.format != "PNG":
+        return img.getexif().get(0x0112, 1)
+    exif = Image.Exif()
+    if "exif" in img.info:  # an eXIf chunk before the pixel data
+        exif.load(img.info["exif"])
+    return exif.get(0x0112, 1)
+
+
+def _header_size(source: str | os.PathLike[str] | io.BytesIO, path: str | os.PathLike[str]):
+    """(height, width) after EXIF orientation from the header of a file or bytes."""
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():  # the pixel limit is ours (max_pixels), not Pillow's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                width, height = img.size
+                orientation = _orientation(img)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{os.fspath(path)}: image too large to decode: {e}") from e
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"{os.fspath(path)}: cannot read image header: {e}") from e
     # EXIF orientations 5..8 swap width and height.
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)

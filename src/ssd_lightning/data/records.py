@@ -18,6 +18,7 @@ import numpy as np
 from ssd_lightning.data.validation import (
     BOX_STATUS_KIND,
     BoxStatus,
+    DatasetReport,
     ProblemRecorder,
     check_boxes,
     describe_box,
@@ -69,6 +70,34 @@ class AnnotationRecords:
     @property
     def nbytes(self) -> int:
         return sum(getattr(self, name).nbytes for name in self.__dataclass_fields__)
+
+    def subset(self, keep: np.ndarray) -> AnnotationRecords:
+        """The images where ``keep`` (N,) bool holds, with their objects."""
+        counts = np.diff(self.offsets)
+        objects = np.repeat(keep, counts)
+        return AnnotationRecords(
+            paths=self.paths[keep],
+            image_ids=self.image_ids[keep],
+            sizes=self.sizes[keep],
+            offsets=np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64),
+            boxes=self.boxes[objects],
+            labels=self.labels[objects],
+            difficult=self.difficult[objects],
+            iscrowd=self.iscrowd[objects],
+        )
+
+    def count_into(self, report: DatasetReport, class_names: Sequence[str]) -> None:
+        """Fill the report's image and object counts from these records."""
+        report.num_images = len(self)
+        per_class = np.bincount(self.labels, minlength=len(class_names))
+        report.objects_per_class = {
+            name: int(c) for name, c in zip(class_names[1:], per_class[1:], strict=False)
+        }
+        report.images_without_objects = int((np.diff(self.offsets) == 0).sum())
+        report.flagged = {
+            "difficult": int(self.difficult.sum()),
+            "iscrowd": int(self.iscrowd.sum()),
+        }
 
 
 class RecordsBuilder:
@@ -164,17 +193,7 @@ class RecordsBuilder:
             difficult=cat["difficult"][keep][order],
             iscrowd=cat["iscrowd"][keep][order],
         )
-        report = recorder.report
-        report.num_images = n_images
-        per_class = np.bincount(records.labels, minlength=len(class_names))
-        report.objects_per_class = {
-            name: int(c) for name, c in zip(class_names[1:], per_class[1:], strict=False)
-        }
-        report.images_without_objects = int((counts == 0).sum())
-        report.flagged = {
-            "difficult": int(records.difficult.sum()),
-            "iscrowd": int(records.iscrowd.sum()),
-        }
+        records.count_into(recorder.report, class_names)
         return records
 
 

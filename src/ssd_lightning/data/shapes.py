@@ -66,7 +66,7 @@ class ShapesDataset(COCODataset):
         max_size: int = 200,
         max_iou: float = 0.3,
         clutter: int = 6,
-        check_images: bool = False,
+        check_images: bool = True,
         on_bad_sample: OnBadSample = "skip",
         transform: Callable[[Sample], Sample] | None = None,
     ) -> None:
@@ -79,9 +79,9 @@ class ShapesDataset(COCODataset):
         super().__init__(
             files.train_json if split == "train" else files.val_json,
             files.image_dir,
-            check_images,
-            on_bad_sample,
-            transform,
+            check_images=check_images,
+            on_bad_sample=on_bad_sample,
+            transform=transform,
         )
 
 

@@ -27,6 +27,7 @@ OnBadSample = Literal["skip", "raise"]
 MISSING_ANNOTATION = "missing_annotation"
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
+IMAGE_TOO_LARGE = "image_too_large"
 PARSE_ERROR = "parse_error"
 MALFORMED_ANNOTATION = "malformed_annotation"
 SIZE_MISMATCH = "size_mismatch"

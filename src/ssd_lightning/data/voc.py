@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ssd_lightning.data.dataset import DetectionDataset, Sample, verify_image
-from ssd_lightning.data.images import ImageReadError, read_image_size
+from ssd_lightning.data.dataset import DetectionDataset, Sample
+from ssd_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image_size
 from ssd_lightning.data.records import RecordsBuilder
 from ssd_lightning.data.validation import (
     DUPLICATE_IMAGE,
@@ -49,8 +49,9 @@ class VOCDataset(DetectionDataset):
         image_dir, annotation_dir, split_dir: Folder names under each root (bccd uses
             ``images``, ``annotations``, ``splits``).
         image_ext: Image file extension.
-        check_images: Read every image header at setup (~40 us each) so unreadable files and
-            size mismatches are reported now rather than when first decoded.
+        check_images: Check every image file at setup (header, size, pixel limit,
+            truncation; see ``DetectionDataset``) so bad files are reported before training.
+        max_image_pixels: Images with more pixels are bad samples (None: no limit).
         on_bad_sample: ``"skip"`` or ``"raise"`` (see ``ssd_lightning.data.validation``).
         transform: Optional callable applied to each sample dict.
 
@@ -67,7 +68,8 @@ class VOCDataset(DetectionDataset):
         annotation_dir: str = "Annotations",
         split_dir: str = "ImageSets/Main",
         image_ext: str = ".jpg",
-        check_images: bool = False,
+        check_images: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         on_bad_sample: OnBadSample = "skip",
         transform: Callable[[Sample], Sample] | None = None,
     ) -> None:
@@ -77,12 +79,7 @@ class VOCDataset(DetectionDataset):
         pairs = _pair(roots, split)
         report = DatasetReport(name="VOC " + ", ".join(f"{r}:{s}" for r, s in pairs))
         recorder = ProblemRecorder(report, on_bad_sample)
-        parser = _VOCParser(
-            {name: k + 1 for k, name in enumerate(names)},
-            keep_difficult,
-            check_images,
-            recorder,
-        )
+        parser = _VOCParser({name: k + 1 for k, name in enumerate(names)}, keep_difficult, recorder)
         for root, split_name in pairs:
             parser.read_split(
                 Path(root), split_name, image_dir, annotation_dir, split_dir, image_ext
@@ -102,6 +99,8 @@ class VOCDataset(DetectionDataset):
             report,
             on_bad_sample,
             transform,
+            check_images,
+            max_image_pixels,
         )
 
 
@@ -127,12 +126,10 @@ class _VOCParser:
         self,
         class_index: dict[str, int],
         keep_difficult: bool,
-        check_images: bool,
         recorder: ProblemRecorder,
     ) -> None:
         self.class_index = class_index
         self.keep_difficult = keep_difficult
-        self.check_images = check_images
         self.recorder = recorder
         self.builder = RecordsBuilder()
         self.xml_paths: list[str] = []
@@ -152,7 +149,9 @@ class _VOCParser:
         if not split_file.is_file():
             raise FileNotFoundError(f"{split_file}: split file not found")
         images = root / image_dir
-        present = set(os.listdir(images)) if images.is_dir() else set()
+        if not images.is_dir():
+            raise FileNotFoundError(f"{images}: image folder not found (data.image_dir)")
+        present = set(os.listdir(images))
         for line_no, line in enumerate(split_file.read_text().splitlines(), start=1):
             fields = line.split()
             if not fields:
@@ -185,8 +184,6 @@ class _VOCParser:
             return
         size = self.image_size(tree.getroot(), xml_path, image_path)
         if size is None:
-            return
-        if self.check_images and not verify_image(image_path, size, self.recorder):
             return
         objects = self.read_objects(tree.getroot(), xml_path)
         if objects is None:
