@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ssd_lightning.checkpoint import build_network, load_checkpoint
 from ssd_lightning.config import CONFIG_DIR, check_required
 from ssd_lightning.ddp import launched_local_ranks
 from ssd_lightning.loss import MultiBoxLoss
@@ -32,13 +33,12 @@ _PLAIN_ARGS = (
 )  # fmt: skip
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint, loaded safely (tensors and plain containers only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def module_from_checkpoint(checkpoint: dict[str, Any], **overrides: Any) -> SSDModule:
     """The SSDModule of a checkpoint, weights loaded, ready for inference.
+
+    The network is rebuilt by ``build_network`` (allow-listed classes only, never
+    ``hydra.utils.instantiate`` of what the file names), the loss with the settings it was
+    trained with.
 
     Args:
         checkpoint: as returned by :func:`load_checkpoint`.
@@ -56,8 +56,8 @@ def module_from_checkpoint(checkpoint: dict[str, Any], **overrides: Any) -> SSDM
     args.update(image_size=image_size, class_names=meta.get("class_names") or None)
     args.update(overrides)
     module = SSDModule(
-        net=instantiate(net_config),
-        loss=MultiBoxLoss(),
+        net=build_network(net_config),
+        loss=MultiBoxLoss(**meta.get("loss", {})),
         optimizer=functools.partial(torch.optim.SGD, lr=0.0),
         anchors=anchors,
         net_config=net_config,
@@ -78,6 +78,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for key in ("image_size", "mean", "std"):
         OmegaConf.update(cfg, f"model.{key}", hparams[key], force_add=True)
     datamodule = build_datamodule(cfg, module)
+    if cfg.match_classes == "by_name":
+        module.reorder_classes(datamodule.class_names[1:])
+        module.label_map = datamodule.label_map or None
+    elif cfg.match_classes != "exact":
+        raise ValueError(f"match_classes={cfg.match_classes!r}: use exact or by_name")
+    module.check_class_names(datamodule)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     entry = "ssd_lightning.evaluate:evaluate"
     with launched_local_ranks(trainer, cfg, Path(cfg.output_json).parent, entry):

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from ssd_lightning.anchors import DefaultBoxes
+from ssd_lightning.checkpoint import verify_weights, weights_digest
 from ssd_lightning.encoder import SSDBoxCoder
 from ssd_lightning.metrics import DetectionMetrics
 from ssd_lightning.optim import param_groups, scaled_lr
@@ -26,6 +27,10 @@ class NonFiniteLossError(RuntimeError):
 
 class BoxCoderMismatchError(ValueError):
     """The DataModule encodes targets against other default boxes than the model's."""
+
+
+class ClassMismatchError(ValueError):
+    """The data's classes are not the classes the network was trained on."""
 
 
 class SSDModule(L.LightningModule):
@@ -125,8 +130,9 @@ class SSDModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         self.check_box_coder(getattr(datamodule, "box_coder", None))
         if self.class_names is None:
-            names = list(getattr(datamodule, "class_names", None) or [])
-            self.class_names = names[1:] if names[:1] == ["background"] else names
+            self.class_names = _foreground(datamodule) or []
+        else:
+            self.check_class_names(datamodule)
         if self.label_map is None and getattr(datamodule, "label_map", None) is not None:
             self.label_map = dict(datamodule.label_map)
         if self.val_metrics is None:
@@ -155,6 +161,37 @@ class SSDModule(L.LightningModule):
                 f"variances={ours.variances}). Call datamodule.set_box_coder(module.box_coder)."
             )
 
+    def check_class_names(self, datamodule: Any) -> None:
+        """Raise if the data's classes differ from this model's (names and order)."""
+        names = _foreground(datamodule)
+        if names is None or not self.class_names or names == self.class_names:
+            return
+        reorder = sorted(names) == sorted(self.class_names)
+        raise ClassMismatchError(
+            f"the data's classes {names} are not the classes the network was trained on "
+            f"{self.class_names}"
+            + (
+                " (same names in another order: ssd-eval match_classes=by_name reorders the "
+                "network's outputs on purpose)"
+                if reorder
+                else ""
+            )
+        )
+
+    def reorder_classes(self, names: Sequence[str]) -> None:
+        """Make label k mean ``names[k - 1]``: the same class names, in the data's order.
+
+        Permutes the classifier outputs of the network, so predictions carry the data's labels.
+        """
+        if sorted(names) != sorted(self.class_names or []):
+            raise ClassMismatchError(
+                f"cannot reorder the network's classes {self.class_names} to {list(names)}: "
+                "not the same names"
+            )
+        order = [0, *(self.class_names.index(n) + 1 for n in names)]  # new label -> old label
+        self.net.head.permute_classes(order)
+        self.class_names = list(names)
+
     def on_fit_start(self) -> None:
         self.postprocess.box_coder.to(self.device)
 
@@ -163,6 +200,11 @@ class SSDModule(L.LightningModule):
 
     def on_test_start(self) -> None:
         self.postprocess.box_coder.to(self.device)
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Training steps skipped so far because the loss was not finite."""
+        return self._nonfinite_total
 
     # ---------------------------------------------------------------- forward
 
@@ -236,7 +278,11 @@ class SSDModule(L.LightningModule):
 
     # ---------------------------------------------------------------- validation
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Tensor]]:
+    def validation_step(
+        self, batch: dict[str, Any] | None, batch_idx: int
+    ) -> list[dict[str, Tensor]]:
+        if batch is None:  # every image of the batch was unreadable (dropped and counted)
+            return []
         loc, cls_logits = self(batch["images"])
         labels = batch["labels"]
         losses = self.loss(loc, cls_logits, batch["loc_targets"], labels)
@@ -311,12 +357,18 @@ class SSDModule(L.LightningModule):
             "label_map": {int(k): int(v) for k, v in (self.label_map or {}).items()},
             "iou_threshold": self.box_coder.iou_threshold,
             "variances": list(self.box_coder.variances),
+            "loss": _loss_settings(self.loss),
+            # Checked on every load: a file corrupted on disk is refused, not used.
+            "weights_sha256": weights_digest(checkpoint["state_dict"]),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        verify_weights(checkpoint, getattr(trainer, "ckpt_path", None) or "checkpoint")
         meta = checkpoint.get("ssd", {})
         if meta.get("class_names"):
             self.class_names = list(meta["class_names"])
+            self.check_class_names(getattr(trainer, "datamodule", None))
         if meta.get("label_map"):
             self.label_map = {int(k): int(v) for k, v in meta["label_map"].items()}
 
@@ -329,6 +381,21 @@ def _all_reduce(values: Tensor, op: str) -> tuple[Tensor, int]:
     values = values.clone()
     dist.all_reduce(values, op=getattr(dist.ReduceOp, op))
     return values, dist.get_world_size()
+
+
+def _loss_settings(loss: nn.Module) -> dict[str, float]:
+    """The MultiBox loss settings (plain values) that ``MultiBoxLoss(**settings)`` rebuilds."""
+    names = ("neg_pos_ratio", "alpha", "min_negatives")
+    return {n: getattr(loss, n) for n in names if isinstance(getattr(loss, n, None), int | float)}
+
+
+def _foreground(datamodule: Any) -> list[str] | None:
+    """The foreground class names of a DataModule (None without one)."""
+    names = getattr(datamodule, "class_names", None)
+    if names is None:
+        return None
+    names = list(names)
+    return names[1:] if names[:1] == ["background"] else names
 
 
 def _targets(batch: dict[str, Any]) -> list[dict[str, Tensor]]:
@@ -353,4 +420,4 @@ def _flat_scalars(results: dict[str, Any], prefix: str = "") -> dict[str, float]
     return flat
 
 
-__all__ = ["BoxCoderMismatchError", "NonFiniteLossError", "SSDModule"]
+__all__ = ["BoxCoderMismatchError", "ClassMismatchError", "NonFiniteLossError", "SSDModule"]

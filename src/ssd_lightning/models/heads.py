@@ -60,6 +60,21 @@ class SSDHead(nn.Module):
         )
         xavier_init(self)
 
+    @torch.no_grad()
+    def permute_classes(self, order: Sequence[int]) -> None:
+        """Reorder the class outputs in place: new class ``c`` is old class ``order[c]``.
+
+        Channel ``j * C + c`` of each classifier is class c of box j (see ``_flatten``).
+        """
+        if sorted(order) != list(range(self.num_classes)):
+            raise ValueError(f"order must permute 0..{self.num_classes - 1}, got {list(order)}")
+        index = torch.as_tensor(list(order))
+        for conv in self.cls:
+            boxes = conv.out_channels // self.num_classes
+            channels = (torch.arange(boxes)[:, None] * self.num_classes + index).reshape(-1)
+            conv.weight.copy_(conv.weight[channels])
+            conv.bias.copy_(conv.bias[channels])
+
     def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         loc = [_flatten(conv(x), 4) for conv, x in zip(self.loc, features, strict=True)]
         cls = [
