@@ -1,16 +1,139 @@
-"""Training callbacks: throughput, per-epoch reseeding, and prediction images for TensorBoard."""
+"""Training callbacks: checkpoints that are never lost, throughput, per-epoch reseeding, and
+prediction images for TensorBoard."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ssd_lightning.visualize import prediction_grid
+
+
+class CheckpointNotSavedError(OSError):
+    """A checkpoint could not be written; the message names the file and folder."""
+
+
+class SSDCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never loses a checkpoint without a loud error.
+
+    On top of Lightning's callback (same arguments):
+
+    - The checkpoint folder must be writable when fitting starts, and every checkpoint is read
+      back after it is written (Lightning's atomic save swallows a ``PermissionError``);
+      ``CheckpointNotSavedError`` otherwise.
+    - ``last.ckpt`` is written at the end of every training epoch (and so at the end of
+      training): Lightning writes it only together with a top-k save, so after an epoch that
+      did not improve the monitored score it kept an older state.
+    - Resuming into a new run folder carries the best score and the best checkpoints over
+      (copied into the new folder), so the run's "best" can never get worse by resuming.
+    - A model whose weights are not all finite is never saved as a best checkpoint.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_saved_at: int | None = None  # global step of the newest last.ckpt
+        self._carried: dict[str, Any] = {}  # best checkpoints of the run resumed from
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero and self.dirpath:
+            check_writable(self.dirpath, "checkpoint folder")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        due = self._last_saved_at != trainer.global_step
+        if self.save_last and fitting and due and not trainer.fast_dev_run:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saved_at = trainer.global_step
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            verify_saved(filepath, trainer.global_step)
+
+    def _update_best_and_save(
+        self, current: torch.Tensor, trainer: L.Trainer, monitor_candidates: dict
+    ) -> None:
+        params = [p.detach() for p in trainer.lightning_module.parameters()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            rank_zero_warn(
+                f"epoch {trainer.current_epoch}: the weights are not all finite; not saved as "
+                f"a best checkpoint ({self.monitor}={float(current):.4f})"
+            )
+            return
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        # Resumed into another run folder: keep the best score; copy the files in on_fit_start.
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_model_path = state_dict["best_model_path"]
+        self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+        self.best_k_models = dict(state_dict.get("best_k_models") or {})
+        self._carried = dict(self.best_k_models)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._carried or not self.dirpath:
+            return
+        moved = {old: os.path.join(self.dirpath, os.path.basename(old)) for old in self._carried}
+        if trainer.is_global_zero:
+            os.makedirs(self.dirpath, exist_ok=True)
+            for old, new in moved.items():
+                if os.path.isfile(old):
+                    shutil.copy2(old, new)
+                else:
+                    rank_zero_warn(
+                        f"best checkpoint {old} of the resumed run is gone; its score "
+                        f"{float(self._carried[old]):.4f} stays the one to beat"
+                    )
+        trainer.strategy.barrier()
+        self.best_k_models = {moved[old]: score for old, score in self._carried.items()}
+        self.best_model_path = moved.get(self.best_model_path, self.best_model_path)
+        self.kth_best_model_path = moved.get(self.kth_best_model_path, self.kth_best_model_path)
+        self._carried = {}
+
+
+def check_writable(folder: str | os.PathLike[str], what: str = "output folder") -> None:
+    """Create ``folder`` if needed and write a file into it; raise naming it otherwise."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise CheckpointNotSavedError(
+            f"the {what} {os.fspath(folder)} is not writable: {e.strerror or e}"
+        ) from e
+
+
+def verify_saved(path: str | os.PathLike[str], global_step: int) -> None:
+    """Raise unless ``path`` is a readable checkpoint of ``global_step`` (just written)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        why = None if saved.get("global_step") == global_step else "an older file is there"
+    except Exception as e:  # missing, empty, truncated
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if why is not None:
+        raise CheckpointNotSavedError(
+            f"checkpoint {os.fspath(path)} of step {global_step} was not written ({why}): "
+            f"check that {os.path.dirname(os.fspath(path))} is writable and has free space"
+        )
 
 
 class ThroughputMonitor(Callback):
@@ -151,7 +274,7 @@ class PredictionImages(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         missing = self.num_images - len(self._images)
-        if missing <= 0 or not trainer.is_global_zero or trainer.sanity_checking:
+        if missing <= 0 or batch is None or not trainer.is_global_zero or trainer.sanity_checking:
             return
         take = min(missing, int(batch["images"].shape[0]))
         self._images += list(batch["images"][:take].detach().cpu())
@@ -186,4 +309,13 @@ def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
-__all__ = ["PredictionImages", "ReseedEveryEpoch", "ThroughputMonitor", "tensorboard"]
+__all__ = [
+    "CheckpointNotSavedError",
+    "PredictionImages",
+    "ReseedEveryEpoch",
+    "SSDCheckpoint",
+    "ThroughputMonitor",
+    "check_writable",
+    "tensorboard",
+    "verify_saved",
+]

@@ -7,7 +7,9 @@ Writes into ``output_dir`` (default ``outputs/predict/<timestamp>``):
 - ``images.json``: the COCO header for them, ``{images: [{id, file_name, height, width}],
   categories: [{id, name}], annotations: []}``, so
   ``COCO("images.json").loadRes("detections.json")`` works;
-- ``images/``: every input image with its detections drawn (``draw=false`` to skip).
+- ``images/``: every input image with its detections drawn (``draw=false`` to skip);
+- ``skipped.json``: the images that could not be read, with the reason
+  (``on_bad_sample=skip``, the default; ``raise`` stops at the first one).
 
 Images are read, resized and normalised exactly as in validation (size, mean and std from the
 checkpoint), in batches of ``batch_size``. E.g.::
@@ -31,10 +33,12 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ssd_lightning.checkpoint import load_checkpoint
 from ssd_lightning.config import CONFIG_DIR
-from ssd_lightning.data import read_image
+from ssd_lightning.data import ImageReadError, read_image
+from ssd_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ssd_lightning.data.transforms import build_eval_transform
-from ssd_lightning.evaluate import load_checkpoint, module_from_checkpoint
+from ssd_lightning.evaluate import module_from_checkpoint
 from ssd_lightning.visualize import draw_detections
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -58,7 +62,11 @@ def find_images(path: str | Path) -> tuple[Path, list[Path]]:
 
 
 class ImageFiles(Dataset):
-    """Image files as the eval transform prepares them, with the original pixels for drawing."""
+    """Image files as the eval transform prepares them, with the original pixels for drawing.
+
+    An unreadable file gives ``{"index", "error"}`` under ``on_bad_sample="skip"`` and raises
+    ``ImageReadError`` under ``"raise"``.
+    """
 
     def __init__(
         self,
@@ -66,15 +74,26 @@ class ImageFiles(Dataset):
         image_size: int | Sequence[int],
         mean: Sequence[float],
         std: Sequence[float],
+        on_bad_sample: str = "skip",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
+        if on_bad_sample not in ("skip", "raise"):
+            raise ValueError(f"on_bad_sample must be 'skip' or 'raise', got {on_bad_sample!r}")
         self.files = list(files)
         self.transform = build_eval_transform(image_size, mean, std)
+        self.on_bad_sample = on_bad_sample
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = read_image(self.files[index])
+        try:
+            image = read_image(self.files[index], self.max_image_pixels)
+        except ImageReadError as e:
+            if self.on_bad_sample == "raise":
+                raise
+            return {"index": index, "error": str(e)}
         sample = {
             "image": image,
             "boxes": np.zeros((0, 4), np.float32),
@@ -86,10 +105,12 @@ class ImageFiles(Dataset):
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [s for s in samples if "error" not in s]
     return {
-        "inputs": torch.stack([s["input"] for s in samples]),
-        "images": [s["image"] for s in samples],
-        "indices": [s["index"] for s in samples],
+        "inputs": torch.stack([s["input"] for s in good]) if good else None,
+        "images": [s["image"] for s in good],
+        "indices": [s["index"] for s in good],
+        "errors": [(s["index"], s["error"]) for s in samples if "error" in s],
     }
 
 
@@ -136,6 +157,8 @@ def predict(
     num_workers: int = 0,
     device: str = "auto",
     channels_last: bool = True,
+    on_bad_sample: str = "skip",
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[dict[str, Any]]:
     """Detect objects in image files; write COCO JSON and drawn images (see module docstring).
 
@@ -152,6 +175,9 @@ def predict(
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
         channels_last: run the network in channels-last memory format (~1.2x faster on CPU
             with oneDNN, faster on GPUs; same detections).
+        on_bad_sample: ``"skip"`` an unreadable image (listed in ``skipped.json`` and
+            printed) or ``"raise"``.
+        max_image_pixels: images with more pixels are unreadable (None: no limit).
 
     Returns:
         The COCO result entries written to ``detections.json``.
@@ -170,7 +196,9 @@ def predict(
     root, files = find_images(input)
     resolved = out.resolve()
     files = [f for f in files if resolved not in f.resolve().parents]  # earlier outputs
-    dataset = ImageFiles(files, hparams.image_size, hparams.mean, hparams.std)
+    dataset = ImageFiles(
+        files, hparams.image_size, hparams.mean, hparams.std, on_bad_sample, max_image_pixels
+    )
     loader = DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=_collate)
     num_classes = int(hparams.net_config.get("num_classes") or len(module.class_names) + 1)
     names = list(module.class_names or [str(k) for k in range(1, num_classes)])
@@ -179,8 +207,15 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     with tqdm(total=len(files), unit="img", desc="predict") as bar:
         for batch in loader:
+            for index, error in batch["errors"]:
+                name = files[index].relative_to(root).as_posix()
+                skipped.append({"file_name": name, "error": error})
+                bar.update()
+            if batch["inputs"] is None:
+                continue
             sizes = torch.tensor([im.shape[:2] for im in batch["images"]])
             detections = module.detect(batch["inputs"].to(device), sizes.to(device))
             for index, image, det in zip(
@@ -198,7 +233,12 @@ def predict(
     header = {"images": images, "categories": categories, "annotations": []}
     (out / "images.json").write_text(json.dumps(header, indent=1))
     (out / "detections.json").write_text(json.dumps(results))
-    print(f"{len(results)} detections in {len(files)} images written to {out}", flush=True)
+    (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
+    print(f"{len(results)} detections in {len(images)} images written to {out}", flush=True)
+    if skipped:
+        print(f"{len(skipped)} unreadable images skipped (listed in {out / 'skipped.json'}):")
+        for entry in skipped[:20]:
+            print(f"  {entry['error']}")
     return results
 
 
@@ -237,6 +277,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         num_workers=cfg.num_workers,
         device=cfg.device,
         channels_last=cfg.channels_last,
+        on_bad_sample=cfg.on_bad_sample,
+        max_image_pixels=cfg.max_image_pixels,
     )
 
 

@@ -25,7 +25,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from ssd_lightning.callbacks import ReseedEveryEpoch, tensorboard
+from ssd_lightning.callbacks import ReseedEveryEpoch, check_writable, tensorboard
+from ssd_lightning.checkpoint import load_checkpoint
 from ssd_lightning.config import CONFIG_DIR, check_required, to_plain
 from ssd_lightning.ddp import launched_local_ranks
 from ssd_lightning.module import SSDModule
@@ -89,6 +90,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         ``last_checkpoint``, ``log_dir`` and ``train_time_s`` (wall time of fitting, seconds).
     """
     check_required(cfg)
+    check_writable(cfg.paths.output_dir, "run folder")
+    if cfg.get("ckpt_path"):
+        load_checkpoint(cfg.ckpt_path)  # a clear error for a broken file, before any work
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     module = build_module(cfg)
@@ -101,6 +105,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
             module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
         )
     metrics = final_metrics(trainer)
+    metrics.update(run_health(trainer, module, datamodule))
     metrics["train_time_s"] = round(time.perf_counter() - start, 1)
     if trainer.is_global_zero:
         _log_hparams(trainer, cfg, metrics)
@@ -120,12 +125,38 @@ def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
     if isinstance(checkpoint, ModelCheckpoint):
         best = checkpoint.best_model_score
         metrics["best_mAP"] = float(best) if best is not None else None
-        metrics["best_checkpoint"] = checkpoint.best_model_path or None
+        best_path = checkpoint.best_model_path
+        metrics["best_checkpoint"] = best_path if best_path and Path(best_path).is_file() else None
         last = Path(checkpoint.dirpath or "") / "last.ckpt"
         metrics["last_checkpoint"] = str(last) if last.is_file() else None
     logger = tensorboard(trainer)
     metrics["log_dir"] = logger.log_dir if logger is not None else None
     return metrics
+
+
+def run_health(trainer: L.Trainer, module: SSDModule, datamodule: Any) -> dict[str, Any]:
+    """What a healthy-looking mAP could hide: skipped steps and skipped or repaired data."""
+    steps = max(int(trainer.global_step), 0)
+    return {
+        "nonfinite_steps": module.nonfinite_steps,
+        "optimizer_steps": steps,
+        "data_problems": data_problems(datamodule),
+    }
+
+
+def data_problems(datamodule: Any) -> dict[str, dict[str, int]]:
+    """Per split: problems found at setup (by kind) and samples skipped when read."""
+    problems = {}
+    for split in ("train", "val", "test"):
+        dataset = getattr(datamodule, f"{split}_dataset", None)
+        if dataset is None or not hasattr(dataset, "summary"):
+            continue
+        counts = dict(dataset.summary().problem_counts)
+        skipped = getattr(dataset, "skipped_at_read", 0)
+        if skipped:
+            counts["skipped_at_read"] = skipped
+        problems[split] = counts
+    return problems
 
 
 def summary(metrics: dict[str, Any]) -> str:
@@ -142,6 +173,18 @@ def summary(metrics: dict[str, Any]) -> str:
         f"last checkpoint: {metrics.get('last_checkpoint')}",
         f"TensorBoard logs: tensorboard --logdir {metrics.get('log_dir')}",
     ]
+    nonfinite, steps = metrics.get("nonfinite_steps", 0), metrics.get("optimizer_steps", 0)
+    if nonfinite:
+        share = nonfinite / max(nonfinite + steps, 1)
+        warn = "WARNING: " if share > 0.1 else ""
+        lines.append(
+            f"{warn}{nonfinite} training steps skipped as non-finite "
+            f"({100 * share:.1f}% of {nonfinite + steps})"
+        )
+    for split, counts in (metrics.get("data_problems") or {}).items():
+        if counts:
+            listed = ", ".join(f"{k}={v}" for k, v in counts.items())
+            lines.append(f"data problems ({split}): {listed} (see the log for each file)")
     return "\n".join(lines)
 
 
