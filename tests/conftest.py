@@ -1,6 +1,9 @@
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
+
+from ssd_lightning.config import compose_config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -27,3 +30,18 @@ def coco128_root() -> Path:
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Generated shapes data shared by all runs of the session (per xdist worker)."""
     return tmp_path_factory.mktemp("cache")
+
+
+def tiny_config(out: Path, cache: Path, *overrides: str, name: str = "train") -> DictConfig:
+    """The tiny experiment writing into ``out`` (tests import this from conftest)."""
+    return compose_config(
+        [
+            "experiment=tiny",
+            f"paths.log_dir={out / 'logs'}",
+            f"paths.cache_dir={cache}",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ],
+        config_name=name,
+        output_dir=out,
+    )

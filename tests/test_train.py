@@ -13,25 +13,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import tiny_config
 from ssd_lightning.config import MissingSettingError, compose_config
 from ssd_lightning.evaluate import evaluate, load_checkpoint, module_from_checkpoint
 from ssd_lightning.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(out: Path, cache: Path, *overrides: str, name: str = "train"):
-    return compose_config(
-        [
-            "experiment=tiny",
-            f"paths.log_dir={out / 'logs'}",
-            f"paths.cache_dir={cache}",
-            "trainer.enable_progress_bar=false",
-            *overrides,
-        ],
-        config_name=name,
-        output_dir=out,
-    )
 
 
 class StopAfterEpoch(Callback):
