@@ -37,12 +37,15 @@ def test_perfect_predictions_give_one_and_all_keys():
     metrics.update(perfect(targets), targets)
     out = metrics.compute()
     expected = {"mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large"}
+    expected |= {"AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large"}
     expected |= {"mAP_voc07", "mAP_voc"}
     expected |= {f"AP/{n}" for n in NAMES} | {f"AP_voc07/{n}" for n in NAMES}
     assert set(out) == expected
     assert all(isinstance(v, float) for v in out.values())
-    for key in expected:
+    for key in expected - {"AR_1"}:
         assert out[key] == pytest.approx(1.0), key
+    # Each image has 2 objects per class; COCO's AR@1 keeps 1 detection per image and class.
+    assert out["AR_1"] == pytest.approx(0.5)
 
 
 def test_per_class_keys_follow_labels():
