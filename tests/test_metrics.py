@@ -119,6 +119,8 @@ def test_format_table_lists_summary_and_classes():
     lines = table.splitlines()
     assert any(line.startswith("COCO AP50") and line.endswith("1.0000") for line in lines)
     assert any(line.startswith("VOC07 mAP") and line.endswith("1.0000") for line in lines)
+    assert any(line.startswith("COCO AR@100") and line.endswith("1.0000") for line in lines)
+    assert any(line.startswith("COCO AR@1 ") and line.endswith("0.5000") for line in lines)
     square = next(line for line in lines if line.startswith("square"))
     assert square.split() == ["square", "1.0000", "1.0000"]
     assert next(line for line in lines if line.startswith("triangle")).split() == [
