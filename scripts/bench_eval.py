@@ -23,12 +23,15 @@ Paths timed, each from its own natural input (preparing that input is not timed)
   float32 thresholds) in batches of 32, then ``compute``: what ``DetectionMetrics`` ran before.
 
 Times are medians of ``--repeats`` interleaved runs (ours, direct, pycocotools, ...), so load on
-a shared machine hits all alike. Memory is the peak RSS one run adds (VmHWM reset through
-/proc/self/clear_refs, after malloc_trim), the largest over the runs. Targets: ours >= 8x faster
-than pycocotools, ours <= 1.5x faster_coco_eval direct, the 12 COCO statistics within 1e-3 of
-pycocotools'.
+a shared machine hits all alike. torch runs ``--threads`` threads (default 1: on a busy machine,
+more threads than free cores make each torch operation wait for a descheduled thread, which
+slows the VOC matching in ``DetectionMetrics`` many times over; the COCO paths barely use torch).
+Memory is the peak RSS one run adds (VmHWM reset through /proc/self/clear_refs, after
+malloc_trim), the largest over the runs. Targets: ours >= 8x faster than pycocotools, ours <=
+1.5x faster_coco_eval direct, the 12 COCO statistics within 1e-3 of pycocotools'.
 
-    python scripts/bench_eval.py [--images 5120] [--detections 100] [--repeats 3] [--torchmetrics]
+    python scripts/bench_eval.py [--images 5120] [--detections 100] [--repeats 3] [--threads 1]
+        [--torchmetrics]
 """
 
 from __future__ import annotations
@@ -344,6 +347,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--detections", type=int, default=100, help="per image")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (more oversubscribe a busy machine)"
+    )
     parser.add_argument("--torchmetrics", action="store_true", help="also time torchmetrics")
     return parser.parse_args(argv)
 
@@ -351,6 +357,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the report; returns the medians, memory, stats and targets."""
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     targets, preds, sizes, names, originals = workload(
         args.root, args.images, args.detections, args.seed
     )

@@ -254,7 +254,9 @@ def test_two_ranks_on_uneven_shards_equal_one_process(tmp_path):
 
 
 def test_bench_eval_small_run(coco128_root, capsys):
-    out = bench().main(["--root", str(coco128_root), "--images", "256", "--repeats", "1"])
+    threads = str(torch.get_num_threads())  # unchanged for the tests that follow
+    args = ["--root", str(coco128_root), "--images", "256", "--repeats", "1", "--threads", threads]
+    out = bench().main(args)
     printed = capsys.readouterr().out
     assert "targets:" in printed and "pycocotools/ours" in printed
     assert out["targets"]["all 12 stats within 1e-3 of pycocotools"]
