@@ -1,4 +1,5 @@
-"""PostProcessor: limits, NMS groups, scaling, clipping, and torchvision's SSD post-processing."""
+"""PostProcessor against torchvision's SSD post-processing (random, trained-like, empty,
+background-only and tied outputs), its pools, NMS groups, scaling and clipping."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.ssd import SSD
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 import ssd_lightning.postprocess as pp
 from ssd_lightning.anchors import DefaultBoxes
@@ -17,12 +18,11 @@ from ssd_lightning.postprocess import (
     PostProcessor,
     class_scores,
     grouped_nms,
-    rank_in_groups,
-    row_max,
-    sort_by_group_and_score,
+    rank_in_sorted_rows,
 )
 
 TV_CODER = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))  # torchvision SSD: 1 / variances
+TV_DEFAULTS = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
 
 
 class BoxesAsOffsets:
@@ -38,6 +38,10 @@ def logits_for(labels: list[list[int]], num_classes: int, confidence: float = 8.
     return onehot * confidence
 
 
+def ssd300_anchors() -> DefaultBoxes:
+    return DefaultBoxes(300, [38, 19, 10, 5, 3, 1], sizes=[21, 45, 99, 153, 207, 261, 315])
+
+
 def torchvision_detections(anchors, loc, logits, sizes, **settings):
     """torchvision's SSD.postprocess_detections with anchors scaled to each original size."""
     ssd = SimpleNamespace(box_coder=TV_CODER, **settings)
@@ -46,11 +50,21 @@ def torchvision_detections(anchors, loc, logits, sizes, **settings):
     return SSD.postprocess_detections(ssd, head, image_anchors, [tuple(s) for s in sizes])
 
 
+def torchvision_on_boxes(boxes, logits, sizes, **settings):
+    """torchvision's SSD.postprocess_detections for normalised xyxy boxes (``BoxesAsOffsets``)."""
+    coder = SimpleNamespace(decode_single=lambda codes, scale: codes * scale)
+    ssd = SimpleNamespace(box_coder=coder, **settings)
+    scales = [torch.tensor([w, h, w, h], dtype=torch.float32) for h, w in sizes]
+    head = {"bbox_regression": boxes, "cls_logits": logits}
+    return SSD.postprocess_detections(ssd, head, scales, [tuple(s) for s in sizes])
+
+
 def assert_same_detections(ours, theirs, atol=1e-3):
     """Equal as sets: order by (label, score) on both sides, then compare."""
     assert len(ours) == len(theirs)
     for o, t in zip(ours, theirs, strict=True):
         assert o["boxes"].dtype == torch.float32 and o["labels"].dtype == torch.int64
+        assert torch.all(o["scores"][:-1] >= o["scores"][1:])  # by decreasing score
         assert len(o["scores"]) == len(t["scores"])
         io = torch.argsort(o["labels"].double() * 2 + o["scores"].double())
         it = torch.argsort(t["labels"].double() * 2 + t["scores"].double())
@@ -61,11 +75,24 @@ def assert_same_detections(ours, theirs, atol=1e-3):
 
 def small_setup(batch=3, num_classes=4, seed=0, spread=3.0):
     g = torch.Generator().manual_seed(seed)
-    anchors = DefaultBoxes(300, [5, 3, 1], aspect_ratios=[[2], [2, 3], [2]])
+    anchors = DefaultBoxes(300, [5, 3, 1], aspect_ratios=[[2], [2, 3], [2]])  # 158 anchors
     loc = torch.randn(batch, len(anchors), 4, generator=g) * 0.5
     logits = torch.randn(batch, len(anchors), num_classes, generator=g) * spread
     sizes = [[300, 300], [240, 500], [480, 320]][:batch]
     return anchors, loc, logits, sizes
+
+
+def spy_passes(post: PostProcessor) -> list[tuple[int, int]]:
+    """Record (images, pool) of every pass of ``post`` over pools."""
+    passes = []
+    search = post.search
+
+    def recording(scores, pool, *args):
+        passes.append((len(scores.best), pool))
+        return search(scores, pool, *args)
+
+    post.search = recording
+    return passes
 
 
 @pytest.mark.parametrize(
@@ -96,6 +123,26 @@ def test_matches_torchvision_postprocess_detections(settings):
     assert_same_detections(ours, torchvision_detections(anchors, loc, logits, sizes, **settings))
 
 
+@pytest.mark.parametrize("num_classes", [21, 91])
+def test_random_ssd300_outputs_match_torchvision_in_one_pass(num_classes):
+    # An untrained model: most pairs pass 0.01 and NMS keeps almost all boxes, so the first
+    # pool (4 x 200 pairs per image) is enough.
+    anchors = ssd300_anchors()
+    g = torch.Generator().manual_seed(num_classes)
+    loc = torch.randn(2, len(anchors), 4, generator=g) * 0.5
+    logits = torch.randn(2, len(anchors), num_classes, generator=g)
+    sizes = [[300, 300], [480, 640]]
+    post = PostProcessor(SSDBoxCoder(anchors.cxcywh))
+    passes = spy_passes(post)
+    ours = post(loc, logits, torch.tensor(sizes))
+    assert passes == [(2, 800)]
+    assert [len(d["scores"]) for d in ours] == [200, 200]
+    theirs = torchvision_detections(
+        anchors, loc, logits, sizes, detections_per_img=200, **TV_DEFAULTS
+    )
+    assert_same_detections(ours, theirs)
+
+
 def clustered_loc(anchors, sizes, seed=2, jitter=0.005):
     """Offsets decoding every box to one of 3 jittered copies: NMS keeps ~1 per (image, class)."""
     g = torch.Generator().manual_seed(seed)
@@ -112,68 +159,56 @@ def clustered_loc(anchors, sizes, seed=2, jitter=0.005):
     )
 
 
-def spy(monkeypatch, name):
-    """Record the arguments of every call of ``ssd_lightning.postprocess.<name>``."""
-    calls = []
-    original = getattr(pp, name)
-    monkeypatch.setattr(pp, name, lambda *a: calls.append(a) or original(*a))
-    return calls
-
-
-def test_heavy_suppression_sends_more_candidates_and_still_matches_torchvision(monkeypatch):
-    # Every anchor fits in the first m = 3 * max_detections: all pairs are candidates, but only
-    # the m best of each image enter NMS first; too few survive, so 4x more are sent (all of
-    # them here).
+def test_heavy_suppression_grows_the_pool_and_still_matches_torchvision():
+    # 158 anchors x 3 classes; ~400 pairs per image pass 0.01. Boxes in 3 clusters: NMS keeps
+    # ~1 per (cluster, class), far fewer than 100, so the pool of 4 x 100 pairs is not final
+    # while it leaves pairs out; the next (800 >= all 474 pairs) is.
     anchors, _, logits, sizes = small_setup(seed=1, spread=1.0)
     loc = clustered_loc(anchors, sizes)
-    logits[..., 0] += 3.0  # background dominant: ~400 of 474 pairs per image pass
-    nms_inputs = spy(monkeypatch, "grouped_nms")
-    best_pairs = spy(monkeypatch, "best_pairs")
+    logits[..., 0] += 3.0
     post = PostProcessor(SSDBoxCoder(anchors.cxcywh), max_detections=100)
+    passes = spy_passes(post)
     ours = post(loc, logits, torch.tensor(sizes))
-    assert not best_pairs  # every image sent all its pairs
-    assert [len(a[0]) for a in nms_inputs] == [3 * 300, 1215]  # 300 best per image, then all
-    settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
-    theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=100, **settings)
+    assert passes == [(3, 400), (3, 800)]
+    theirs = torchvision_detections(
+        anchors, loc, logits, sizes, detections_per_img=100, **TV_DEFAULTS
+    )
     assert_same_detections(ours, theirs)
-    assert all(len(d["scores"]) < 20 for d in ours)
+    assert all(0 < len(d["scores"]) < 20 for d in ours)
 
 
-def test_images_where_most_pairs_pass_send_their_best_pairs_then_more_then_all(monkeypatch):
-    # All 158 anchors hold a candidate, more than m (m = 3 * 9 detections): the pairs of the m
-    # best anchors are gathered first. Class 1 dominates and NMS keeps one box per (cluster,
-    # class), so fewer than 9 survive: the pairs of the 2 m best anchors, then all (4 m is
-    # most of the anchors).
+def test_only_the_images_left_short_get_a_larger_pool():
+    anchors, loc, logits, sizes = small_setup(batch=2, seed=1, spread=1.0)
+    loc[1] = clustered_loc(anchors, sizes)[1]  # image 1 clustered, image 0 random boxes
+    logits[..., 0] += 3.0
+    post = PostProcessor(SSDBoxCoder(anchors.cxcywh), max_detections=60)
+    passes = spy_passes(post)
+    ours = post(loc, logits, torch.tensor(sizes))
+    assert passes == [(2, 240), (1, 480)]
+    assert len(ours[0]["scores"]) == 60 and len(ours[1]["scores"]) < 20
+    theirs = torchvision_detections(
+        anchors, loc, logits, sizes, detections_per_img=60, **TV_DEFAULTS
+    )
+    assert_same_detections(ours, theirs)
+
+
+def test_a_pass_is_final_when_enough_survive_or_no_pair_is_left_out():
     anchors, _, logits, sizes = small_setup(seed=3, spread=1.0)
     loc = clustered_loc(anchors, sizes, seed=4)
-    logits[..., 1] += 2.0
-    best_pairs = spy(monkeypatch, "best_pairs")
-    post = PostProcessor(SSDBoxCoder(anchors.cxcywh), max_detections=9)
-    rounds = []
-    nms_rounds = post._nms_rounds
-    monkeypatch.setattr(post, "_nms_rounds", lambda c, *a: rounds.append(c) or nms_rounds(c, *a))
-    ours = post(loc, logits, torch.tensor(sizes))
-    assert [m for _, _, m, *_ in best_pairs] == [27, 54]
-    sent = [len(r.score) for r in rounds]
-    assert len(sent) == 3 and sent[0] < sent[1] < sent[2]
-    settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
-    theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=9, **settings)
-    assert_same_detections(ours, theirs)
-
-
-def test_best_pairs_alone_when_enough_survive(monkeypatch):
-    # Random boxes hardly overlap: the m best pairs of each image are enough.
-    anchors, loc, logits, sizes = small_setup(seed=5, spread=1.0)
-    best_pairs = spy(monkeypatch, "best_pairs")
-    nms_inputs = spy(monkeypatch, "grouped_nms")
-    post = PostProcessor(SSDBoxCoder(anchors.cxcywh), max_detections=5)
-    ours = post(loc, logits, torch.tensor(sizes))
-    assert len(best_pairs) == 1 and len(nms_inputs) == 1
-    assert len(nms_inputs[0][0]) <= 3 * 5 * len(sizes)
-    assert all(len(d["scores"]) == 5 for d in ours)
-    settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
-    theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=5, **settings)
-    assert_same_detections(ours, theirs)
+    logits[0, :, 0] += 8.0  # image 0: only a few pairs pass, all of them in the pool
+    logits[2, 10:] = logits[2, 10:].clamp(max=0.0)  # image 2: 10 anchors hold its best pairs
+    logits[2, :10, 1:] += torch.arange(10.0)[:, None] * 0.5 + 20.0
+    loc[2, :10] = torch.randn(10, 4, generator=torch.Generator().manual_seed(0)) * 3.0  # apart
+    post = PostProcessor(SSDBoxCoder(anchors.cxcywh), max_detections=8)
+    found = post.detect(loc, logits, torch.tensor(sizes), pool=24)
+    assert found.scores.shape == (3, 24) and torch.all(found.scores[:, :-1] >= found.scores[:, 1:])
+    assert found.final.tolist() == [True, False, True]
+    assert found.keep.sum(dim=1).tolist()[2] == 8  # 8 survivors among 24 pairs: final
+    exact = post(loc, logits, torch.tensor(sizes))
+    for i in (0, 2):
+        keep = found.keep[i]
+        torch.testing.assert_close(found.boxes[i][keep], exact[i]["boxes"])
+        assert found.labels[i][keep].tolist() == exact[i]["labels"].tolist()
 
 
 def trained_like_outputs(anchors, num_classes, batch, background, seed=0, objects=10):
@@ -196,20 +231,22 @@ def trained_like_outputs(anchors, num_classes, batch, background, seed=0, object
 
 
 @pytest.mark.parametrize(
-    ("num_classes", "background", "pairs_range", "rows_dropped"),
+    ("num_classes", "background", "pairs_range", "rows_skipped"),
     [
         (91, 10.6, (1500, 2500), True),  # ~2,000 pairs, on ~16% of the anchors
         (21, 6.1, (0.11, 0.15), False),  # ~13% of the pairs, on ~85% of the anchors
     ],
 )
 def test_trained_like_outputs_match_torchvision(
-    monkeypatch, num_classes, background, pairs_range, rows_dropped
+    monkeypatch, num_classes, background, pairs_range, rows_skipped
 ):
     # SSD300's 8732 default boxes; background dominant, boxes clustered on objects.
     scores = []
     original = pp.class_scores
-    monkeypatch.setattr(pp, "class_scores", lambda *a: scores.append(original(*a)) or scores[-1])
-    anchors = DefaultBoxes(300, [38, 19, 10, 5, 3, 1], sizes=[21, 45, 99, 153, 207, 261, 315])
+    monkeypatch.setattr(
+        pp, "class_scores", lambda *a, **k: scores.append(original(*a, **k)) or scores[-1]
+    )
+    anchors = ssd300_anchors()
     loc, logits = trained_like_outputs(anchors, num_classes, batch=2, background=background)
     passing = (logits.softmax(-1)[..., 1:] > 0.01).sum().item() / 2
     low, high = pairs_range
@@ -218,11 +255,37 @@ def test_trained_like_outputs_match_torchvision(
     assert low < passing < high
     sizes = [[300, 300], [480, 640]]
     ours = PostProcessor(SSDBoxCoder(anchors.cxcywh))(loc, logits, torch.tensor(sizes))
-    settings = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
-    theirs = torchvision_detections(anchors, loc, logits, sizes, detections_per_img=200, **settings)
+    theirs = torchvision_detections(
+        anchors, loc, logits, sizes, detections_per_img=200, **TV_DEFAULTS
+    )
     assert_same_detections(ours, theirs)
     assert sum(len(d["scores"]) for d in ours) > 100
-    assert (scores[0].row is not None) == rows_dropped  # softmax of some anchors only
+    values, _, _ = scores[0]
+    assert (len(values) < 2 * len(anchors)) == rows_skipped  # softmax of some anchors only
+
+
+def test_tied_boxes_and_scores_match_torchvision():
+    # Every box twice, with the same logits: ties at every cut-off (per-class top-k, pool,
+    # max_detections) are between identical boxes, one of which NMS suppresses, so the
+    # detections do not depend on how the tie is broken.
+    g = torch.Generator().manual_seed(7)
+    xy = torch.rand(2, 4000, 2, generator=g) * 0.8
+    boxes = torch.cat([xy, xy + 0.02 + torch.rand(2, 4000, 2, generator=g) * 0.2], dim=-1)
+    boxes = boxes.repeat_interleave(2, dim=1)
+    logits = torch.randn(2, 4000, 21, generator=g).repeat_interleave(2, dim=1)
+    logits[1, :, 0] += 4.0  # image 1: fewer pairs
+    sizes = [[300, 300], [480, 640]]
+    for k, max_detections in [(200, 200), (7, 50)]:
+        post = PostProcessor(
+            BoxesAsOffsets(), candidates_per_class=k, max_detections=max_detections
+        )
+        ours = post(boxes, logits, torch.tensor(sizes))
+        settings = {**TV_DEFAULTS, "topk_candidates": k}
+        theirs = torchvision_on_boxes(
+            boxes, logits, sizes, detections_per_img=max_detections, **settings
+        )
+        assert_same_detections(ours, theirs)
+        assert [len(d["scores"]) for d in ours] == [max_detections] * 2
 
 
 def test_limits_threshold_and_candidates_per_class():
@@ -258,6 +321,25 @@ def test_nms_suppresses_same_class_only_within_an_image():
     # image 1: a (class 1) suppressed by the better b (class 1); b of class 2 kept.
     assert sorted(image1["labels"].tolist()) == [1, 2]
     torch.testing.assert_close(image1["boxes"], torch.tensor([b, b]) * 100)
+
+
+def test_class_agnostic_nms_suppresses_across_classes():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(2, 300, 2, generator=g) * 0.7
+    boxes = torch.cat([xy, xy + 0.05 + torch.rand(2, 300, 2, generator=g) * 0.25], dim=-1)
+    logits = torch.randn(2, 300, 5, generator=g) * 2.0
+    sizes = [[100, 200], [300, 300]]
+    post = PostProcessor(BoxesAsOffsets(), candidates_per_class=40, class_agnostic=True)
+    ours = post(boxes, logits, torch.tensor(sizes))
+    # Reference: torchvision's candidates (class-aware NMS at IoU > 1 keeps them all), then
+    # one NMS over all classes.
+    settings = {"score_thresh": 0.01, "nms_thresh": 1.0, "topk_candidates": 40}
+    candidates = torchvision_on_boxes(boxes, logits, sizes, detections_per_img=10**6, **settings)
+    for o, c in zip(ours, candidates, strict=True):
+        keep = nms(c["boxes"], c["scores"], 0.45)[:200]
+        assert 50 < len(keep) < len(c["scores"])
+        assert o["labels"].tolist() == c["labels"][keep].tolist()
+        torch.testing.assert_close(o["boxes"], c["boxes"][keep])
 
 
 def test_boxes_are_scaled_to_original_size_and_clipped():
@@ -310,47 +392,77 @@ def test_background_only_gives_empty_detections():
         assert det["labels"].dtype == torch.int64
 
 
-def test_sort_by_group_and_score_and_rank_in_groups():
-    group = torch.tensor([2, 0, 2, 1, 0, 2])
-    score = torch.tensor([0.5, 0.25, 0.75, 0.0, 1.0, 0.125])
-    sorted_group, order = sort_by_group_and_score(group, score)
-    assert order.tolist() == [4, 1, 3, 2, 0, 5]
-    assert sorted_group.tolist() == [0, 0, 1, 2, 2, 2]
-    assert rank_in_groups(sorted_group, 4).tolist() == [0, 1, 0, 0, 1, 2]
+def test_background_dominant_ssd300_outputs_give_what_torchvision_gives():
+    # Image 0: no pair above 0.01 (no anchor's softmax computed); image 1: a single one.
+    anchors = ssd300_anchors()
+    g = torch.Generator().manual_seed(1)
+    loc = torch.randn(2, len(anchors), 4, generator=g) * 0.5
+    logits = torch.randn(2, len(anchors), 21, generator=g)
+    logits[..., 0] += 12.0
+    logits[1, 100, 3] += 12.0
+    sizes = [[300, 300], [480, 640]]
+    ours = PostProcessor(SSDBoxCoder(anchors.cxcywh))(loc, logits, torch.tensor(sizes))
+    assert [len(d["scores"]) for d in ours] == [0, 1] and ours[1]["labels"].tolist() == [3]
+    theirs = torchvision_detections(
+        anchors, loc, logits, sizes, detections_per_img=200, **TV_DEFAULTS
+    )
+    assert_same_detections(ours, theirs)
 
 
-@pytest.mark.parametrize("columns", [1, 2, 3, 7, 20, 33, 90])
-def test_row_max_equals_amax(columns):
-    g = torch.Generator().manual_seed(columns)
-    x = torch.randn(50, columns + 1, generator=g)[:, 1:]  # a column slice, as the scores
-    assert torch.equal(row_max(x), x.amax(dim=1))
+def test_export_pass_gives_the_same_detections_as_the_eager_pass():
+    anchors, loc, logits, sizes = small_setup(num_classes=6)
+    post = PostProcessor(SSDBoxCoder(anchors.cxcywh), score_threshold=0.05, max_detections=40)
+    eager = post.detect(loc, logits, torch.tensor(sizes), pool=300)
+    export = post.detect(loc, logits, torch.tensor(sizes), pool=300, export=True)
+    for a, b in zip(eager, export, strict=True):
+        torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 10_000])
-def test_grouped_nms_equals_batched_nms(chunk):
+def test_rank_in_sorted_rows():
+    values = torch.tensor([[0, 0, 2, 2, 2, 3], [1, 1, 1, 1, 4, 4]])
+    assert rank_in_sorted_rows(values, 5).tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]]
+
+
+@pytest.mark.parametrize("slice_size", [1, 7, None])
+def test_grouped_nms_equals_batched_nms(slice_size):
     g = torch.Generator().manual_seed(0)
-    xy = torch.rand(300, 2, generator=g) * 50
-    boxes = torch.cat([xy, xy + 5 + torch.rand(300, 2, generator=g) * 20], dim=1)
+    xy = torch.rand(300, 2, generator=g) * 0.6
+    boxes = torch.cat([xy, xy + 0.05 + torch.rand(300, 2, generator=g) * 0.3], dim=1).double()
     scores = torch.rand(300, generator=g)
     group = torch.randint(0, 12, (300,), generator=g).sort().values
-    keep = grouped_nms(boxes, scores, group, 0.45, chunk)
-    expected = batched_nms(boxes.double(), scores.double(), group, 0.45)
+    keep = grouped_nms(boxes, scores, group, 0.45, slice_size)
+    expected = batched_nms(boxes, scores.double(), group, 0.45)
     assert 50 < len(keep) < 300
     assert sorted(keep.tolist()) == sorted(expected.tolist())
 
 
-def test_class_scores_drop_only_anchors_without_a_passing_class():
+def test_class_scores_skip_only_anchors_without_a_passing_class():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 500, 6, generator=g)
     logits[..., 0] += 7.0  # mostly background
-    scores = class_scores(logits, 0.01)
+    values, best, row_of = class_scores(logits, 0.01)
     full = logits.reshape(-1, 6).softmax(-1)
-    assert scores.row is not None and 0 < len(scores.row) < 500
-    assert torch.equal(scores.values[:, 1:], full[scores.row, 1:])  # bitwise
-    assert torch.equal(scores.best, full[scores.row, 1:].amax(1))
-    dropped = torch.ones(1000, dtype=torch.bool)
-    dropped[scores.row] = False
-    assert (full[dropped, 1:] <= 0.01).all()
-    assert ((full[:, 1:] > 0.01).any(1) <= ~dropped).all()  # every passing anchor is kept
-    logits[..., 0] -= 7.0
-    assert class_scores(logits, 0.01).row is None  # most anchors hold a candidate: all rows
+    full[:, 0] = -float("inf")
+    kept = row_of.view(-1) < len(values) - 1
+    assert 0 < kept.sum() < 500
+    assert torch.equal(values[row_of.view(-1)[kept]], full[kept])  # bitwise
+    assert values[-1].tolist() == [-float("inf"), 0, 0, 0, 0, 0]  # the anchors skipped
+    assert (full[~kept] <= 0.01).all()  # every anchor holding a pair is kept
+    assert torch.equal(best.view(-1), torch.where(kept, full.amax(1), 0.0))
+    logits[..., 0] -= 7.0  # most anchors hold a pair: the softmax of all of them
+    values, best, row_of = class_scores(logits, 0.01)
+    assert len(values) == 1000 and torch.equal(row_of.view(-1), torch.arange(1000))
+    assert torch.equal(best.view(-1), values.amax(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_detections():
+    anchors = ssd300_anchors()
+    loc, logits = trained_like_outputs(anchors, 21, batch=4, background=6.1)
+    sizes = torch.tensor([[300, 300], [480, 640], [200, 100], [512, 512]])
+    cpu = PostProcessor(SSDBoxCoder(anchors.cxcywh))(loc, logits, sizes)
+    gpu = PostProcessor(SSDBoxCoder(anchors.cxcywh).to("cuda"))(
+        loc.cuda(), logits.cuda(), sizes.cuda()
+    )
+    assert_same_detections([{k: v.cpu() for k, v in d.items()} for d in gpu], cpu)
