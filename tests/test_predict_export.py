@@ -17,7 +17,7 @@ from ssd_lightning.config import compose_config
 from ssd_lightning.data import read_image
 from ssd_lightning.data.transforms import build_eval_transform
 from ssd_lightning.evaluate import load_checkpoint, module_from_checkpoint
-from ssd_lightning.export import export_onnx, matched_detections
+from ssd_lightning.export import export_onnx, matched_detections, run_onnx, with_postprocess
 from ssd_lightning.predict import category_ids_of, predict
 from ssd_lightning.train import train
 
@@ -198,22 +198,49 @@ def test_export_with_postprocess_gives_the_same_detections(run, tmp_path: Path) 
     )
     path = export_onnx(module, tmp_path / "full.onnx", postprocess=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    images, sizes = eval_inputs(module, sorted(run["images"].rglob("*.*")))
-    boxes, scores, labels, index = session.run(
-        None, {"images": images.numpy(), "image_sizes": sizes.numpy()}
-    )
-    expected = module.detect(images, sizes)
-    assert max(len(want["scores"]) for want in expected) == 30  # the per-image cap is used
-    for i, want in enumerate(expected):
-        mine = index == i
-        assert 0 < mine.sum() == len(want["scores"])
-        torch.testing.assert_close(torch.from_numpy(boxes[mine]), want["boxes"], atol=1e-3, rtol=0)
-        torch.testing.assert_close(
-            torch.from_numpy(scores[mine]), want["scores"], atol=1e-5, rtol=0
+    all_images, all_sizes = eval_inputs(module, sorted(run["images"].rglob("*.*")))
+    for images, sizes in ((all_images[:1], all_sizes[:1]), (all_images, all_sizes)):
+        boxes, scores, labels, index = session.run(
+            None, {"images": images.numpy(), "image_sizes": sizes.numpy()}
         )
-        assert labels[mine].tolist() == want["labels"].tolist()
+        expected = module.detect(images, sizes)
+        assert max(len(want["scores"]) for want in expected) == 30  # the per-image cap is used
+        for i, want in enumerate(expected):
+            mine = index == i
+            assert 0 < mine.sum() == len(want["scores"])
+            got = torch.from_numpy(boxes[mine])
+            torch.testing.assert_close(got, want["boxes"], atol=1e-3, rtol=0)
+            torch.testing.assert_close(
+                torch.from_numpy(scores[mine]), want["scores"], atol=1e-5, rtol=0
+            )
+            assert labels[mine].tolist() == want["labels"].tolist()
     meta = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
     assert (meta["score_threshold"], meta["max_detections"]) == (SCORE_THRESHOLD, 30)
+    assert (meta["candidates_per_class"], meta["candidates"]) == (200, 1000)
+
+
+def test_export_runs_the_post_processors_pass_with_a_fixed_pool(run, tmp_path: Path) -> None:
+    # A pool too small for some images: the graph gives what one pass of
+    # PostProcessor.detect gives (the same code), and the exact detections where it is final.
+    module = module_from_checkpoint(
+        load_checkpoint(run["ckpt"]), score_threshold=0.05, max_detections=25
+    )
+    path = export_onnx(module, tmp_path / "pool.onnx", postprocess=True, candidates=40)
+    images, sizes = eval_inputs(module, sorted(run["images"].rglob("*.*")))
+    boxes, scores, labels, index = run_onnx(path, (images, sizes))
+    model = with_postprocess(module, candidates=40)
+    with torch.no_grad():
+        loc, cls_logits = module(images)
+        found = model.post.detect(loc, cls_logits, sizes, pool=40, export=True)
+    image, slot = found.keep.nonzero().unbind(1)
+    assert index.tolist() == image.tolist()
+    assert labels.tolist() == found.labels[image, slot].tolist()
+    torch.testing.assert_close(boxes, found.boxes[image, slot], atol=1e-3, rtol=0)
+    torch.testing.assert_close(scores, found.scores[image, slot], atol=1e-5, rtol=0)
+    exact = module.detect(images, sizes)
+    assert not bool(found.final.all())  # too small a pool for some images
+    for i in found.final.nonzero()[:, 0].tolist():
+        assert labels[index == i].tolist() == exact[i]["labels"].tolist()
 
 
 def test_export_cli_checks_in_onnxruntime(run, tmp_path: Path) -> None:

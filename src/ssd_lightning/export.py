@@ -5,10 +5,11 @@ Two graphs, both with a dynamic batch axis, exported with ``torch.onnx.export(dy
 
 - network only (default): ``images (B, 3, H, W)`` normalised as in training -> ``loc (B, A, 4)``
   offsets and ``cls_logits (B, A, C)``;
-- ``postprocess=true``: the network plus decoding, softmax, score threshold and per-class NMS
-  (torchvision ``nms``, an ONNX ``NonMaxSuppression``): ``images``, ``image_sizes (B, 2)`` as
-  (h, w) -> ``boxes (N, 4)`` xyxy pixels of each image's size, ``scores (N,)``, ``labels (N,)``
-  in 1..C-1 and ``batch_index (N,)``, by decreasing score within each image.
+- ``postprocess=true``: the network plus ``ssd_lightning.postprocess`` (decoding, softmax,
+  score threshold, per-class top-k and NMS as one ONNX ``NonMaxSuppression``) on a fixed pool
+  of ``candidates`` pairs per image: ``images``, ``image_sizes (B, 2)`` as (h, w) ->
+  ``boxes (N, 4)`` xyxy pixels of each image's size, ``scores (N,)``, ``labels (N,)`` in
+  1..C-1 and ``batch_index (N,)``, by decreasing score within each image.
 
 The input size, normalisation, class names, label map (dataset category id -> label) and
 post-processing settings are stored in the ONNX metadata (JSON values).
@@ -24,92 +25,64 @@ from typing import Any
 
 import hydra
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torchvision.ops import box_iou, nms
+from torchvision.ops import box_iou
 
 from ssd_lightning.config import CONFIG_DIR
 from ssd_lightning.encoder import SSDBoxCoder
 from ssd_lightning.evaluate import load_checkpoint, module_from_checkpoint
 from ssd_lightning.module import SSDModule
+from ssd_lightning.postprocess import PostProcessor
 
 
 class SSDWithPostprocess(nn.Module):
     """An SSD network followed by its post-processing, in exportable form.
 
-    The same steps as ``ssd_lightning.postprocess.PostProcessor`` (SSD paper, Sec. 3), with a
-    fixed candidate pool instead of its exact adaptive one: each image sends its
-    ``candidates`` best (box, class) pairs scoring above ``score_threshold`` to one NMS whose
-    groups are (image, class). The detections equal ``PostProcessor``'s whenever no class has
-    more than 200 and no image more than ``candidates`` pairs above the threshold.
+    One pass of ``PostProcessor.detect`` with a fixed pool of ``candidates`` (box, class)
+    pairs per image, where ``PostProcessor`` itself grows the pool of an image until it
+    suffices (a data-dependent loop). The detections equal ``PostProcessor``'s for every image
+    with ``max_detections`` of them among its ``candidates`` best pairs, or with no more than
+    ``candidates`` pairs above the score threshold.
 
     Args:
         net: network returning ``(loc (B, A, 4), cls_logits (B, A, C))``.
-        box_coder: the box coder of the default boxes the network was trained with.
-        score_threshold: keep class scores strictly above this.
-        nms_threshold: IoU above which NMS suppresses a lower-scoring box of the same class.
-        max_detections: detections kept per image.
+        post: the post-processing (its box coder on the export device).
         candidates: (box, class) pairs per image that enter NMS.
 
     Shape:
         - images: (B, 3, H, W); image_sizes: (B, 2) as (h, w)
-        - output: boxes (N, 4) xyxy pixels, scores (N,), labels (N,), batch_index (N,)
+        - output: boxes (N, 4) xyxy pixels, scores (N,), labels (N,), batch_index (N,), by
+          image then decreasing score
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        box_coder: SSDBoxCoder,
-        score_threshold: float = 0.01,
-        nms_threshold: float = 0.45,
-        max_detections: int = 200,
-        candidates: int = 1000,
-    ) -> None:
+    def __init__(self, net: nn.Module, post: PostProcessor, candidates: int = 1000) -> None:
         super().__init__()
         self.net = net
-        self.box_coder = box_coder
-        self.score_threshold = float(score_threshold)
-        self.nms_threshold = float(nms_threshold)
-        self.max_detections = int(max_detections)
+        self.post = post
         self.candidates = int(candidates)
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         loc, cls_logits = self.net(images)
-        boxes = self.box_coder.decode(loc).clamp(0.0, 1.0)  # (B, A, 4) normalised xyxy
-        scores = F.softmax(cls_logits, dim=-1)[..., 1:]  # (B, A, K), K = C - 1 without background
-        b, a, k = scores.shape
-        m = min(self.candidates, a * k)
-        top, pair = scores.reshape(b, a * k).topk(m, dim=1)  # (B, m), best first
-        anchor, label = pair // k, pair % k + 1
-        boxes = boxes.gather(1, anchor.unsqueeze(-1).expand(b, m, 4))  # (B, m, 4)
-        scale = image_sizes.to(boxes.dtype).flip(-1).repeat(1, 2).unsqueeze(1)  # (B, 1, 4)
-        image = torch.arange(b, device=images.device).unsqueeze(1).expand(b, m)
-        valid = top > self.score_threshold
-        boxes, pixels = boxes[valid], (boxes * scale)[valid]  # (n, 4)
-        top, label, image = top[valid], label[valid], image[valid]
-        # One NMS for all groups: shift each (image, class) group to its own unit square
-        # (boxes are in [0, 1]), so boxes of different groups never overlap.
-        group = (image * (k + 1) + label).to(boxes.dtype)
-        keep = nms(boxes + 1.1 * group.unsqueeze(1), top, self.nms_threshold)  # by score
-        # Rank of each kept box among the kept boxes of its image, to cap them per image.
-        same = image[keep].unsqueeze(0) == torch.arange(b, device=images.device).unsqueeze(1)
-        rank = same.cumsum(1).gather(0, image[keep].unsqueeze(0)).squeeze(0) - 1
-        keep = keep[rank < self.max_detections]
-        return pixels[keep], top[keep], label[keep], image[keep]
+        found = self.post.detect(loc, cls_logits, image_sizes, self.candidates, export=True)
+        image, slot = found.keep.nonzero().unbind(1)
+        return found.boxes[image, slot], found.scores[image, slot], found.labels[image, slot], image
 
 
 def with_postprocess(module: SSDModule, candidates: int = 1000) -> SSDWithPostprocess:
     """The module's network and post-processing settings as one exportable model (CPU)."""
-    post = module.postprocess
-    coder = module.box_coder
+    post, coder = module.postprocess, module.box_coder
     return SSDWithPostprocess(
         module.net,
-        SSDBoxCoder(module.default_boxes.cpu(), coder.iou_threshold, coder.variances),
-        score_threshold=post.score_threshold,
-        nms_threshold=post.nms_threshold,
-        max_detections=post.max_detections,
-        candidates=candidates,
+        PostProcessor(
+            SSDBoxCoder(module.default_boxes.cpu(), coder.iou_threshold, coder.variances),
+            score_threshold=post.score_threshold,
+            nms_threshold=post.nms_threshold,
+            candidates_per_class=post.candidates_per_class,
+            max_detections=post.max_detections,
+            class_agnostic=post.class_agnostic,
+        ),
+        candidates,
     )
 
 
@@ -152,7 +125,7 @@ def export_onnx(
             dynamo=True,
             verbose=False,
         )
-    program.model.metadata_props.update(_metadata(module, postprocess))
+    program.model.metadata_props.update(_metadata(module, postprocess, candidates))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(path, external_data=False)
@@ -166,7 +139,7 @@ def _size_hw(image_size: Any) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _metadata(module: SSDModule, postprocess: bool) -> dict[str, str]:
+def _metadata(module: SSDModule, postprocess: bool, candidates: int) -> dict[str, str]:
     hparams = module.hparams
     meta = {
         "image_size": list(_size_hw(hparams.image_size)),
@@ -179,7 +152,8 @@ def _metadata(module: SSDModule, postprocess: bool) -> dict[str, str]:
     if postprocess:
         post = module.postprocess
         meta.update(score_threshold=post.score_threshold, nms_threshold=post.nms_threshold)
-        meta.update(max_detections=post.max_detections)
+        meta.update(max_detections=post.max_detections, class_agnostic=post.class_agnostic)
+        meta.update(candidates_per_class=post.candidates_per_class, candidates=candidates)
     return {key: json.dumps(value) for key, value in meta.items()}
 
 
