@@ -264,7 +264,9 @@ def class_scores(
         row_of = torch.full_like(flat[:, 0], len(rows), dtype=torch.long)
         row_of.index_copy_(0, rows, torch.arange(len(rows), device=flat.device))
     values[:, 0] = -math.inf
-    best = values.amax(dim=1).index_select(0, row_of)  # (B*A,)
+    best = values.amax(dim=1)  # (r,)
+    if rows is not None:  # to every anchor
+        best = best.index_select(0, row_of)
     return values, best.view(batch, num_anchors), row_of.view(batch, num_anchors)
 
 
