@@ -50,7 +50,8 @@ class DetectionMetrics(torch.nn.Module):
     ``mAP_small``, ``mAP_medium``, ``mAP_large``, ``AR_1``, ``AR_10``, ``AR_100``,
     ``AR_small``, ``AR_medium``, ``AR_large`` (COCO), ``mAP_voc07``, ``mAP_voc`` (VOC),
     ``AP/<name>`` (COCO AP@[.5:.95] per class) and ``AP_voc07/<name>``. -1 means undefined (no
-    GT for that class or size range).
+    GT for that class or size range). ``last_coco_eval`` keeps the :class:`COCOCurves` of the
+    latest ``compute()`` (also after ``reset()``).
     """
 
     def __init__(self, class_names: Sequence[str], backend: str = "faster_coco_eval") -> None:
