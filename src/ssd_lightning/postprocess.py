@@ -45,12 +45,11 @@ class BoxDecoder(Protocol):
 
 
 class Scores(NamedTuple):
-    """A batch's outputs as the passes over pools use them (``PostProcessor.score``).
+    """A batch's outputs, computed once for all passes (``PostProcessor.score``).
 
     Shape:
-        values (r, C): class scores, the background's -inf (``class_scores``); best (B, A):
-        the best class score of every anchor; row_of (B, A): its row of ``values``; boxes
-        (B, A, 4): normalised xyxy; sizes (B, 2): original (h, w)
+        values (r, C), best (B, A), row_of (B, A) as from ``class_scores``; boxes (B, A, 4)
+        normalised xyxy; sizes (B, 2) original (h, w)
     """
 
     values: Tensor
@@ -68,9 +67,9 @@ class Pool(NamedTuple):
     """The pool of every image, by decreasing score, and the detections found in it.
 
     Shape:
-        boxes (B, T, 4) xyxy pixels clipped to the image; scores (B, T); labels (B, T) int64
-        (0: an empty slot, score -inf); keep (B, T) bool: the detections; final (B,) bool: an
-        image's detections are those of the whole image (else it needs a larger pool)
+        boxes (B, T, 4) xyxy pixels; scores (B, T); labels (B, T) int64 (0: an empty slot,
+        score -inf); keep (B, T) bool: the detections; final (B,) bool: they are the image's
+        (else it needs a larger pool)
     """
 
     boxes: Tensor
@@ -131,10 +130,9 @@ class PostProcessor:
             - loc: (B, A, 4); cls_logits: (B, A, C); image_sizes: (B, 2)
         """
         batch, num_classes = cls_logits.shape[0], cls_logits.shape[2]
-        empty = torch.zeros(0, 4, device=loc.device)
+        none = torch.zeros(0, 4, device=loc.device)
         found = [
-            {"boxes": empty, "scores": empty[:, 0], "labels": empty[:, 0].long()}
-            for _ in range(batch)
+            {"boxes": none, "scores": none[:, 0], "labels": none[:, 0].long()} for _ in range(batch)
         ]
         if num_classes < 2:  # no foreground class
             return found
@@ -155,24 +153,15 @@ class PostProcessor:
     def detect(
         self, loc: Tensor, cls_logits: Tensor, image_sizes: Tensor, pool: int, export: bool = False
     ) -> Pool:
-        """One pass with a fixed ``pool`` of pairs per image (the ONNX export's).
-
-        Args:
-            loc, cls_logits, image_sizes: As for ``__call__``.
-            pool: (anchor, class) pairs per image.
-            export: For ``torch.onnx.export``: no data-dependent branch, and one NMS call in
-                float32, as ONNX ``NonMaxSuppression`` takes.
-        """
+        """One pass with a fixed ``pool`` of (anchor, class) pairs per image, inputs as for
+        ``__call__``. ``export`` (``torch.onnx.export``): no data-dependent branch, and one
+        NMS call in float32, as ONNX ``NonMaxSuppression`` takes."""
         return self.search(self.score(loc, cls_logits, image_sizes, export), pool, export)
 
     def score(
         self, loc: Tensor, cls_logits: Tensor, image_sizes: Tensor, export: bool = False
     ) -> Scores:
-        """Decoded boxes and class scores, once per batch.
-
-        Shape:
-            - loc: (B, A, 4); cls_logits: (B, A, C); image_sizes: (B, 2)
-        """
+        """Decoded boxes and class scores, inputs as for ``__call__``."""
         values, best, row_of = class_scores(cls_logits.float(), self.score_threshold, not export)
         boxes = self.box_coder.decode(loc.float())  # (B, A, 4) normalised xyxy
         sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)
@@ -226,19 +215,18 @@ class PostProcessor:
 def class_scores(
     logits: Tensor, threshold: float, skip: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Softmax scores, the background's set to -inf (never a candidate), and the best score of
-    every anchor; with ``skip``, only for the anchors where a class can pass ``threshold``.
+    """Softmax scores (the background's -inf: never a candidate) and each anchor's best one.
 
     softmax_c = exp(l_c) / sum_k exp(l_k) <= exp(l_c - l_0) (l_0: the background logit), so an
     anchor whose best class logit is below l_0 + log(threshold) holds no pair above it (the
-    margin covers rounding). When a sample of the rows says that most anchors are such (a
-    trained model: ~90% of them with 91 classes), the softmax of the others only is computed.
-    Softmax is row-wise: the rows kept get the scores of ``softmax(logits)``, bitwise.
+    margin covers rounding). With ``skip``, when a sample of the rows says that most anchors
+    are such (a trained model: ~90% of them with 91 classes), only the others get a softmax,
+    row-wise, so bitwise that of ``softmax(logits)``.
 
     Returns:
-        ``values`` (r, C): the scores of the r rows computed, the last one -inf, 0, ... for
-        the anchors skipped; ``best`` (B, A): the best class score of every anchor;
-        ``row_of`` (B, A): the row of ``values`` of every anchor.
+        ``values`` (r, C): the rows computed, the last one (-inf, 0, ...) for the anchors
+        skipped; ``best`` (B, A): the best class score of every anchor; ``row_of`` (B, A): its
+        row of ``values``.
 
     Shape:
         logits: (B, A, C) float32
@@ -289,8 +277,9 @@ def grouped_nms(
     iou_threshold: float,
     slice_size: int | None = None,
 ) -> Tensor:
-    """NMS within each group, in the dtype of ``boxes``: torchvision's coordinate trick, boxes
-    shifted by twice their group so that boxes of two groups never overlap.
+    """Indices of the boxes NMS keeps within each group, in the dtype of ``boxes``:
+    torchvision's coordinate trick, boxes shifted by twice their group (no overlap between
+    groups).
 
     With ``slice_size`` (``group`` sorted), one ``torchvision.ops.nms`` call per slice of about
     that many boxes, a group never straddling two. The CPU kernel compares every box it keeps
@@ -298,9 +287,6 @@ def grouped_nms(
     boxes costs (kept x boxes) IoU tests, mostly between groups; slices bound it to (boxes x
     slice_size). ``batched_nms`` does not avoid it: above 1,000 boxes on CPU it loops over the
     groups, each scanning all the boxes.
-
-    Returns:
-        Indices of the boxes kept.
 
     Shape:
         boxes: (n, 4) xyxy within [0, 1]; scores: (n,); group: (n,) int64 -> (k,)
