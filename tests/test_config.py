@@ -11,10 +11,11 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ssd_lightning.anchors import DefaultBoxes
+from ssd_lightning.anchors import AnchorSettingsError, DefaultBoxes
 from ssd_lightning.config import (
     CONFIG_DIR,
     MissingSettingError,
+    build_network,
     check_required,
     compose_config,
     register_resolvers,
@@ -74,10 +75,11 @@ def test_every_target_exists_and_takes_its_keys(experiment: str, trainer: str, t
 def test_experiment_builds_module_parts(experiment: str, tmp_path) -> None:
     """Network, loss, optimiser and schedule instantiate; heads and anchors agree."""
     cfg = compose_config([f"experiment={experiment}", *_with_root(experiment)], output_dir=tmp_path)
-    net = instantiate(cfg.model.net)
+    net = build_network(cfg)
     anchors = OmegaConf.to_container(cfg.anchors, resolve=True)
     size = cfg.model.image_size
-    boxes = DefaultBoxes(size, net.feature_map_sizes(size), **anchors)
+    boxes = DefaultBoxes.for_network(net, size, **anchors)
+    assert net.num_boxes == boxes.boxes_per_location
     loc, logits = net.eval()(torch.zeros(1, 3, size, size))
     assert loc.shape == (1, len(boxes), 4)
     assert logits.shape == (1, len(boxes), cfg.data.num_classes)
@@ -96,7 +98,7 @@ def test_paper_recipes() -> None:
     assert [round(m * 120000) for m in voc.sched.milestones] == [80004, 99996]
     coco = compose_config(["experiment=coco_ssd300", "data.root=/d"], output_dir="/tmp")
     assert coco.trainer.max_epochs == 120 and coco.optim.optimizer.lr == 2e-3
-    assert coco.data.num_classes == 81 and coco.anchors.sizes[0] == 21
+    assert coco.data.num_classes == 81 and coco.anchors.first_scale == 0.07
     assert coco.trainer.precision == "bf16-mixed" and coco.module.channels_last
 
 
@@ -113,11 +115,17 @@ def test_boxes_per_location_follows_aspect_ratios() -> None:
     cfg = compose_config(
         ["experiment=tiny", "anchors.aspect_ratios=[[2],[2],[2,3,4],[]]"], output_dir="/tmp"
     )
-    assert list(cfg.model.net.num_boxes) == [4, 4, 8, 2]
-    net = instantiate(cfg.model.net)
-    boxes = DefaultBoxes(96, net.feature_map_sizes(96), **cfg.anchors)
+    net = build_network(cfg)
+    assert net.num_boxes == [4, 4, 8, 2]
+    boxes = DefaultBoxes.for_network(net, 96, **cfg.anchors)
     loc, _ = net.eval()(torch.zeros(1, 3, 96, 96))
     assert loc.shape[1] == len(boxes) == 12 * 12 * 4 + 6 * 6 * 4 + 3 * 3 * 8 + 1 * 2
+
+
+def test_num_boxes_set_by_hand_contradicts_the_anchors() -> None:
+    cfg = compose_config(["experiment=tiny", "model.net.num_boxes=[4,4,4,4]"], output_dir="/tmp")
+    with pytest.raises(AnchorSettingsError, match=r"num_boxes=.* contradicts anchors\.aspect_r"):
+        build_network(cfg)
 
 
 def test_single_sources_of_truth() -> None:

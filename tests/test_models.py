@@ -7,6 +7,7 @@ from torchvision.models import resnet50
 from torchvision.models.detection import ssd300_vgg16
 from torchvision.models.vgg import cfgs, make_layers
 
+from ssd_lightning.anchors import DefaultBoxes
 from ssd_lightning.models import (
     SSD,
     SSD300VGG16,
@@ -66,7 +67,8 @@ def test_full_width_feature_maps_and_anchor_count(model_cls, maps, anchors):
         model = model_cls(21)
     assert model.feature_map_sizes() == maps
     assert model.feature_map_sizes(model_cls.image_size) == maps
-    assert model.num_anchors() == anchors
+    boxes = DefaultBoxes.for_network(model, model_cls.image_size)  # the paper rule, any maps
+    assert len(boxes) == anchors and boxes.boxes_per_location == model.num_boxes
 
 
 @pytest.mark.parametrize(
@@ -92,7 +94,7 @@ def test_feature_map_sizes_match_real_forward_on_non_square_input(model_cls):
     assert measured == [tuple(m.shape[-2:]) for m in maps]
     assert measured[0] == (40, 52)
     loc, _ = model(torch.zeros(1, 3, 320, 416))
-    assert loc.shape[1] == model.num_anchors((320, 416))
+    assert loc.shape[1] == len(DefaultBoxes.for_network(model, (320, 416)))
 
 
 def test_feature_map_sizes_leaves_model_untouched():
@@ -104,12 +106,19 @@ def test_feature_map_sizes_leaves_model_untouched():
     assert all(t.device.type == "cpu" for t in after.values())
 
 
+def test_num_boxes_from_a_function_of_the_number_of_maps():
+    seen = []
+    model = SSD300VGG16(3, num_boxes=lambda m: seen.append(m) or [4] * m, width_mult=NARROW)
+    assert seen == [6] and model.num_boxes == [4] * 6
+
+
 def test_num_boxes_sets_head_channels_and_anchor_count():
     model = SSD300VGG16(7, num_boxes=(6, 6, 6, 6, 6, 6), width_mult=NARROW)
     assert [conv.out_channels for conv in model.head.loc] == [24] * 6
     assert [conv.out_channels for conv in model.head.cls] == [42] * 6
     expected = 6 * sum(h * w for h, w in SSD300_MAPS)  # 11640
-    assert model.num_anchors() == expected == 11640
+    boxes = DefaultBoxes.for_network(model, 300, aspect_ratios=[2, 3])
+    assert len(boxes) == expected == 11640
     loc, cls = model(torch.zeros(1, 3, 300, 300))
     assert loc.shape == (1, expected, 4) and cls.shape == (1, expected, 7)
 

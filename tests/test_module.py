@@ -113,7 +113,11 @@ def test_default_boxes_come_from_the_measured_network() -> None:
     assert module.anchor_settings["feature_maps"] == [[12, 12], [6, 6], [3, 3], [1, 1]]
     loc, _ = module(torch.zeros(2, 3, SIZE, SIZE))
     assert loc.shape[1] == len(expected) == 12 * 12 * 4 + 36 * 6 + 9 * 6 + 4
-    assert "default_boxes" in module.state_dict()
+    # one copy: the coder's buffer, saved in checkpoints and shared by the post-processing
+    assert [k for k in module.state_dict() if "default_boxes" in k] == ["box_coder.default_boxes"]
+    assert module.postprocess.box_coder is module.box_coder
+    moved = module.to("meta")  # moves with the module: no hook copies it by hand
+    assert moved.box_coder.default_boxes.is_meta and moved.box_coder.offset.is_meta
 
 
 def test_other_image_size_changes_anchors_with_the_network() -> None:

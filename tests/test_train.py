@@ -69,7 +69,7 @@ def test_checkpoint_is_plain_and_carries_anchors_and_classes(two_epoch_run) -> N
     assert meta["anchors"]["feature_maps"] == [[12, 12], [6, 6], [3, 3], [1, 1]]
     assert checkpoint["hyper_parameters"]["net_config"]["_target_"] == "ssd_lightning.models.SSD"
     module = module_from_checkpoint(checkpoint)
-    assert torch.equal(module.default_boxes, checkpoint["state_dict"]["default_boxes"])
+    assert torch.equal(module.default_boxes, checkpoint["state_dict"]["box_coder.default_boxes"])
 
 
 def test_evaluate_reproduces_final_validation(two_epoch_run, capsys) -> None:

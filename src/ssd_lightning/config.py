@@ -2,8 +2,6 @@
 
 Resolvers (registered on import, usable in any conf/ file):
 
-- ``${boxes_per_location:${anchors.aspect_ratios}}`` -> ``[4, 6, 6, 6, 4, 4]`` for SSD300, so the
-  heads of the network and the default boxes come from one list of aspect ratios.
 - ``${count_classes:${data.class_names}}`` -> number of classes including background.
 - ``${run_id:}`` -> a name for the run folder shared by every process of a multi-process job:
   the SLURM job id, else the torchrun run id, else a timestamp.
@@ -17,21 +15,26 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException, MissingConfigException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
 
-from ssd_lightning.anchors import boxes_per_location
+from ssd_lightning.anchors import (
+    PAPER_ASPECT_RATIOS,
+    AnchorSettingsError,
+    aspect_ratios_for,
+    boxes_per_location,
+)
 
 
 def _to_plain(value: Any) -> Any:
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)
     return value
-
-
-def _boxes_per_location(aspect_ratios: Any) -> ListConfig:
-    # A ListConfig (not a list) so that OmegaConf.resolve() can store it in place.
-    return ListConfig(boxes_per_location(_to_plain(aspect_ratios)))
 
 
 def _count_classes(class_names: Any) -> int:
@@ -51,7 +54,6 @@ def _run_id() -> str:
 def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers (idempotent)."""
     resolvers = (
-        ("boxes_per_location", _boxes_per_location),
         ("count_classes", _count_classes),
         ("run_id", _run_id),
     )
@@ -127,6 +129,61 @@ def compose_config(
     if output_dir is not None:
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def compose_option(group: str, name: str) -> Any:
+    """One option of a config group as Hydra composes it (its own defaults applied), as plain
+    values: ``compose_option("anchors", "ssd300_voc")`` is what ``anchors=ssd300_voc`` selects.
+
+    Raises:
+        FileNotFoundError: no such option, naming the known ones.
+    """
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path
+            cfg = compose(config_name=f"{group}/{name}")
+        else:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                cfg = compose(config_name=f"{group}/{name}")
+    except MissingConfigException as e:
+        known = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        raise FileNotFoundError(f"{group}={name}: no such option; known: {known}") from e
+    return to_plain(cfg[group])
+
+
+def build_network(cfg: DictConfig) -> nn.Module:
+    """The network of ``cfg.model.net`` with heads for ``cfg.anchors.aspect_ratios``.
+
+    The boxes per location of the heads come from the aspect ratios resolved for the
+    network's own number of source maps, so an aspect-ratio rule fits any network.
+
+    Raises:
+        AnchorSettingsError: ``model.net.num_boxes`` set by hand (it would contradict the
+            anchors) or aspect ratios that do not fit the network.
+    """
+    if cfg.model.net.get("num_boxes") is not None:
+        raise AnchorSettingsError(
+            f"model.net.num_boxes={to_plain(cfg.model.net.num_boxes)} contradicts "
+            "anchors.aspect_ratios, which sets the boxes per location: leave num_boxes null"
+        )
+    spec = to_plain(cfg.anchors.get("aspect_ratios", PAPER_ASPECT_RATIOS))
+    try:
+        return instantiate(
+            cfg.model.net,
+            num_boxes=lambda num_maps: boxes_per_location(aspect_ratios_for(spec, num_maps)),
+        )
+    except InstantiationException as e:
+        if isinstance(e.__cause__, AnchorSettingsError):  # ours, clear as it is
+            raise e.__cause__ from None
+        raise
+
+
+def network_on_meta(cfg: DictConfig) -> nn.Module:
+    """The configured network on the meta device: shapes only, no memory, no weights read."""
+    net_cfg = cfg.model.net
+    if net_cfg.get("backbone_weights") is not None:
+        net_cfg = OmegaConf.merge(net_cfg, {"backbone_weights": None})
+    with torch.device("meta"):
+        return build_network(OmegaConf.merge(cfg, {"model": {"net": net_cfg}}))
 
 
 register_resolvers()

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 # Largest log-size delta decoded: boxes at most 1000/16 times their default box (as torchvision),
@@ -86,8 +86,13 @@ def _row_max(rows: Tensor) -> tuple[Tensor, Tensor]:
     return row_max, first.scatter_reduce_(0, row, col, reduce="amin")
 
 
-class SSDBoxCoder:
+class SSDBoxCoder(nn.Module):
     """Assigns ground truth to default boxes and encodes / decodes box offsets.
+
+    An ``nn.Module`` whose default boxes are buffers: it moves with the model it belongs to
+    (one instance in ``SSDModule``, shared by the post-processing); ``default_boxes`` is
+    persistent, so checkpoints carry the exact boxes the weights were trained with. The
+    DataModule encodes with a CPU copy (``cpu_copy``).
 
     Args:
         default_boxes_cxcywh: (A, 4) normalised default boxes (``DefaultBoxes.cxcywh``).
@@ -101,28 +106,36 @@ class SSDBoxCoder:
         iou_threshold: float = 0.5,
         variances: Sequence[float] = (0.1, 0.2),
     ) -> None:
-        self.default_boxes = default_boxes_cxcywh.float()
-        self.default_xyxy = box_convert(self.default_boxes, "cxcywh", "xyxy")
-        self.default_planes = self.default_xyxy.t().contiguous()  # (4, A) for batched_box_iou
-        self.default_area = self.default_boxes[:, 2] * self.default_boxes[:, 3]
+        super().__init__()
+        d = default_boxes_cxcywh.detach().float().clone()
         self.iou_threshold = float(iou_threshold)
         self.variances = (float(variances[0]), float(variances[1]))
+        v0, v1 = self.variances
+        xyxy = box_convert(d, "cxcywh", "xyxy")
+        self.register_buffer("default_boxes", d)
+        # Derived, rebuilt from default_boxes: not stored in checkpoints.
+        self.register_buffer("default_xyxy", xyxy, persistent=False)
+        self.register_buffer("default_planes", xyxy.t().contiguous(), persistent=False)  # (4, A)
+        self.register_buffer("default_area", d[:, 2] * d[:, 3], persistent=False)
         # targets = ((cx, cy, log w, log h) of the GT - offset) * scale, all (A, 4).
-        d, (v0, v1) = self.default_boxes, self.variances
-        self.offset = torch.cat([d[:, :2], d[:, 2:].log()], dim=-1)
-        self.scale = torch.cat([1.0 / (v0 * d[:, 2:]), torch.full_like(d[:, 2:], 1.0 / v1)], dim=-1)
+        offset = torch.cat([d[:, :2], d[:, 2:].log()], dim=-1)
+        scale = torch.cat([1.0 / (v0 * d[:, 2:]), torch.full_like(d[:, 2:], 1.0 / v1)], dim=-1)
+        self.register_buffer("offset", offset, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
 
     def __len__(self) -> int:
         return self.default_boxes.shape[0]
 
-    def to(self, device: torch.device | str) -> SSDBoxCoder:
-        """Move the default boxes to ``device`` (in place) and return self."""
-        self.default_boxes = self.default_boxes.to(device)
-        self.default_xyxy = self.default_xyxy.to(device)
-        self.default_planes = self.default_planes.to(device)
-        self.default_area = self.default_area.to(device)
-        self.offset, self.scale = self.offset.to(device), self.scale.to(device)
-        return self
+    def __bool__(self) -> bool:  # not len(): a coder is never "empty" in an if
+        return True
+
+    def cpu_copy(self) -> SSDBoxCoder:
+        """A separate coder on the CPU with the same boxes and settings (for data workers)."""
+        return SSDBoxCoder(self.default_boxes.cpu(), self.iou_threshold, self.variances)
+
+    def extra_repr(self) -> str:
+        settings = f"iou_threshold={self.iou_threshold}, variances={self.variances}"
+        return f"{len(self)} default boxes, {settings}"
 
     def match(self, gt_boxes: Tensor, valid: Tensor) -> Tensor:
         """Index of the GT box matched to every default box, -1 for background.
@@ -133,10 +146,7 @@ class SSDBoxCoder:
         Shape:
             gt_boxes: (B, G, 4) normalised xyxy; valid: (B, G) bool; returns (B, A) int64.
         """
-        device = gt_boxes.device
-        iou = batched_box_iou(
-            gt_boxes, self.default_planes.to(device), self.default_area.to(device)
-        )
+        iou = batched_box_iou(gt_boxes, self.default_planes, self.default_area)
         if not bool(valid.all()):
             iou.masked_fill_(~valid[:, :, None], -1.0)
         best_iou = iou.amax(dim=1)  # (B, A); amax and a sparse argmax beat max(dim=1) on CPU

@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ssd_lightning.checkpoint import build_network, load_checkpoint
+from ssd_lightning.checkpoint import CheckpointError, build_network, load_checkpoint
 from ssd_lightning.config import CONFIG_DIR, check_required
 from ssd_lightning.ddp import launched_local_ranks
 from ssd_lightning.loss import MultiBoxLoss
@@ -52,6 +52,9 @@ def module_from_checkpoint(checkpoint: dict[str, Any], **overrides: Any) -> SSDM
     anchors = dict(meta.get("anchors") or hparams.get("anchors") or {})
     anchors.pop("feature_maps", None)  # measured again on the rebuilt network
     image_size = anchors.pop("image_size", hparams["image_size"])
+    if "first_scale" not in anchors and anchors.get("sizes") is not None:
+        anchors.pop("s_min", None)  # written before the size table and scales were exclusive
+        anchors.pop("s_max", None)
     args = {k: hparams[k] for k in _PLAIN_ARGS if k in hparams}
     args.update(image_size=image_size, class_names=meta.get("class_names") or None)
     args.update(overrides)
@@ -63,9 +66,34 @@ def module_from_checkpoint(checkpoint: dict[str, Any], **overrides: Any) -> SSDM
         net_config=net_config,
         **args,
     )
-    module.load_state_dict(checkpoint["state_dict"])
+    state = dict(checkpoint["state_dict"])
+    if "default_boxes" in state:  # written before the boxes moved into the box coder
+        state["box_coder.default_boxes"] = state.pop("default_boxes")
+    check_default_boxes(module, state["box_coder.default_boxes"])
+    module.load_state_dict(state)
     module.on_load_checkpoint(checkpoint)
     return module.eval()
+
+
+def check_default_boxes(module: SSDModule, stored: torch.Tensor) -> None:
+    """Raise unless the checkpoint's stored boxes are those its anchor settings rebuild."""
+    rebuilt = module.default_boxes
+    if stored.shape == rebuilt.shape and torch.allclose(stored, rebuilt, atol=1e-6):
+        return
+    anchors = module.anchors
+    if stored.shape != rebuilt.shape:
+        where = f"{len(stored)} stored boxes, {len(rebuilt)} rebuilt"
+    else:
+        differs = (stored - rebuilt).abs().amax(dim=1) > 1e-6
+        k = int(anchors.map_of_box[differs][0])
+        where = (
+            f"map {k} ({anchors.feature_maps[k][0]}x{anchors.feature_maps[k][1]}) differs "
+            f"first, {int(differs.sum())} of {len(stored)} boxes in all"
+        )
+    raise CheckpointError(
+        f"not a valid checkpoint: its stored default boxes differ from those its anchor "
+        f"settings rebuild ({where}); settings: {anchors.describe()}"
+    )
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

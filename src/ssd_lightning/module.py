@@ -36,9 +36,11 @@ class ClassMismatchError(ValueError):
 class SSDModule(L.LightningModule):
     """Trains and evaluates an SSD network.
 
-    The default boxes are built here, once, from the network's measured feature-map sizes
-    (``net.feature_map_sizes(image_size)``) and the anchor settings; ``box_coder`` is the single
-    source of truth that the DataModule must use to encode targets (checked at setup).
+    The default boxes are built here, once, from the network's measured feature-map sizes and
+    the anchor settings (``DefaultBoxes.for_network``); they live as buffers of ``box_coder``
+    (an ``nn.Module``, so they move with the model and are saved in checkpoints), which the
+    post-processing shares and of which the DataModule encodes with a CPU copy (checked at
+    setup).
 
     Args:
         net: network returning ``(loc (B, A, 4), cls_logits (B, A, C))``.
@@ -104,14 +106,12 @@ class SSDModule(L.LightningModule):
         self.class_names = list(class_names) if class_names is not None else None
         self.label_map = dict(label_map) if label_map is not None else None
 
-        size = [image_size] * 2 if isinstance(image_size, int) else list(image_size)
-        default_boxes = DefaultBoxes(size, net.feature_map_sizes(size), **(anchors or {}))
-        self.anchor_settings = default_boxes.settings()
-        # Persistent buffer: checkpoints carry the exact boxes the weights were trained with.
-        self.register_buffer("default_boxes", default_boxes.cxcywh.clone())
-        self.box_coder = SSDBoxCoder(default_boxes.cxcywh, iou_threshold, variances)
+        self.anchors = DefaultBoxes.for_network(net, image_size, **(anchors or {}))
+        self.anchor_settings = self.anchors.settings()
+        # The one set of default boxes: buffers of the coder, moved with the module.
+        self.box_coder = SSDBoxCoder(self.anchors.cxcywh, iou_threshold, variances)
         self.postprocess = PostProcessor(
-            SSDBoxCoder(default_boxes.cxcywh, iou_threshold, variances),
+            self.box_coder,
             score_threshold=score_threshold,
             nms_threshold=nms_threshold,
             max_detections=max_detections,
@@ -192,14 +192,10 @@ class SSDModule(L.LightningModule):
         self.net.head.permute_classes(order)
         self.class_names = list(names)
 
-    def on_fit_start(self) -> None:
-        self.postprocess.box_coder.to(self.device)
-
-    def on_validation_start(self) -> None:
-        self.postprocess.box_coder.to(self.device)
-
-    def on_test_start(self) -> None:
-        self.postprocess.box_coder.to(self.device)
+    @property
+    def default_boxes(self) -> Tensor:
+        """(A, 4) normalised cxcywh default boxes (the box coder's buffer)."""
+        return self.box_coder.default_boxes
 
     @property
     def nonfinite_steps(self) -> int:

@@ -190,7 +190,6 @@ def predict(
         max_detections=max_detections,
         channels_last=channels_last,
     ).to(device)
-    module.postprocess.box_coder.to(device)
     hparams = module.hparams
     out = Path(output_dir)
     root, files = find_images(input)

@@ -287,8 +287,8 @@ class SSDDataModule(LightningDataModule):
         return dict(getattr(self._reference, "label_map", {}))
 
     def set_box_coder(self, box_coder: SSDBoxCoder) -> None:
-        """Use the model's encoder for the targets (call before ``setup``)."""
-        self.box_coder = box_coder
+        """Encode the targets with (a CPU copy of) the model's box coder (before ``setup``)."""
+        self.box_coder = box_coder.cpu_copy()
         self._wrapped.clear()
 
     def setup(self, stage: str | None = None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -119,7 +119,7 @@ class SSD300ResNet50(SSD):
     def __init__(
         self,
         num_classes: int,
-        num_boxes: Sequence[int] = (4, 6, 6, 6, 4, 4),
+        num_boxes: Sequence[int] | Callable[[int], Sequence[int]] = (4, 6, 6, 6, 4, 4),
         width_mult: float = 1.0,
         batch_norm: bool = True,
         backbone_weights: str | Path | None = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import ClassVar
 
@@ -37,7 +37,9 @@ class SSD(nn.Module):
     Args:
         backbone: Module returning a list of (B, out_channels[i], H_i, W_i) maps.
         num_classes: Number of classes C including background (label 0).
-        num_boxes: Default boxes per location of each source map (from the anchor settings).
+        num_boxes: Default boxes per location of each source map, or a function of the number
+            of source maps giving them (how the anchor settings' aspect ratios reach the head
+            without the network knowing about anchors).
 
     Shape:
         - images: (B, 3, H, W), normalised with ``mean``/``std``.
@@ -49,8 +51,15 @@ class SSD(nn.Module):
     mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
     std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
 
-    def __init__(self, backbone: nn.Module, num_classes: int, num_boxes: Sequence[int]) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        num_boxes: Sequence[int] | Callable[[int], Sequence[int]],
+    ) -> None:
         super().__init__()
+        if callable(num_boxes):
+            num_boxes = num_boxes(len(backbone.out_channels))
         self.backbone = backbone
         self.head = SSDHead(backbone.out_channels, num_boxes, num_classes)
         self.num_classes = num_classes
@@ -75,8 +84,3 @@ class SSD(nn.Module):
         images = torch.empty(2, 3, h, w, device="meta", dtype=dtype)
         maps = torch.func.functional_call(self.backbone, meta, (images,))
         return [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
-
-    def num_anchors(self, image_size: int | Sequence[int] | None = None) -> int:
-        """Number A of default boxes the outputs have for ``image_size``."""
-        sizes = self.feature_map_sizes(image_size)
-        return sum(h * w * k for (h, w), k in zip(sizes, self.num_boxes, strict=True))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -175,8 +175,8 @@ class SSD300VGG16(SSD):
 
     Args:
         num_classes: Number of classes C including background (label 0).
-        num_boxes: Default boxes per location of each of the 6 maps (from the anchor settings,
-            ``anchors.boxes_per_location``).
+        num_boxes: Default boxes per location of each of the 6 maps, or a function of the
+            number of maps giving them (see :class:`SSD`).
         width_mult: Multiplier of every channel count; < 1 gives a narrow network of the same
             topology (tests, CPU quickstart).
         batch_norm: BatchNorm after every conv of the backbone and extras.
@@ -194,7 +194,7 @@ class SSD300VGG16(SSD):
     def __init__(
         self,
         num_classes: int,
-        num_boxes: Sequence[int] = (4, 6, 6, 6, 4, 4),
+        num_boxes: Sequence[int] | Callable[[int], Sequence[int]] = (4, 6, 6, 6, 4, 4),
         width_mult: float = 1.0,
         batch_norm: bool = False,
         backbone_weights: str | Path | None = None,
@@ -214,7 +214,7 @@ class SSD512VGG16(SSD):
     def __init__(
         self,
         num_classes: int,
-        num_boxes: Sequence[int] = (4, 6, 6, 6, 6, 4, 4),
+        num_boxes: Sequence[int] | Callable[[int], Sequence[int]] = (4, 6, 6, 6, 6, 4, 4),
         width_mult: float = 1.0,
         batch_norm: bool = False,
         backbone_weights: str | Path | None = None,
