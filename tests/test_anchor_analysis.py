@@ -18,9 +18,10 @@ from ssd_lightning.anchor_analysis import (
     suggest_scales,
     summarize,
 )
+from ssd_lightning.anchor_report import format_report, format_suggestion, plot_sizes
 from ssd_lightning.anchors import DefaultBoxes
-from ssd_lightning.anchors_cli import analyse, format_report, format_suggestion, plot_sizes
-from ssd_lightning.config import compose_config
+from ssd_lightning.anchors_cli import analyse
+from ssd_lightning.config import compose_config, compose_option
 from ssd_lightning.data import AnnotationRecords
 from ssd_lightning.encoder import SSDBoxCoder
 
@@ -252,13 +253,11 @@ def test_format_suggestion_flags_grid_edges():
 
 
 def test_cli_analyse_on_tiny_experiment(tmp_path: Path, cache_dir: Path):
-    other = tmp_path / "wide.yaml"
-    other.write_text("aspect_ratios: [[2], [2, 3], [2, 3], [2]]\ns_min: 0.1\ns_max: 0.95\n")
     cfg = compose_config(
         [
             "experiment=tiny",
             f"paths.cache_dir={cache_dir}",
-            f"compare=[tiny,{other}]",
+            "compare=[ssd300,ssd300_coco]",  # presets composed by Hydra, as anchors=<name>
             "suggest=true",
             "s_min_values=[0.1,0.2]",
             "s_max_values=[0.8,0.9]",
@@ -269,11 +268,12 @@ def test_cli_analyse_on_tiny_experiment(tmp_path: Path, cache_dir: Path):
     )
     result = analyse(cfg)
     names = [r["name"] for r in result["reports"]]
-    assert names == ["anchors", "tiny", "wide", "suggested"]
-    tiny, wide = result["reports"][1], result["reports"][2]
-    assert tiny["anchors"]["feature_maps"] == [[12, 12], [6, 6], [3, 3], [1, 1]]  # measured
-    assert result["reports"][0]["all"] == tiny["all"]  # anchors=tiny is the same file
-    assert wide["anchors"]["s_min"] == 0.1 and tiny["all"]["num_gt"] > 32
+    assert names == ["anchors", "ssd300", "ssd300_coco", "suggested"]
+    paper, coco = result["reports"][1], result["reports"][2]
+    assert paper["anchors"]["feature_maps"] == [[12, 12], [6, 6], [3, 3], [1, 1]]  # measured
+    assert result["reports"][0]["all"] == paper["all"]  # the tiny experiment uses ssd300
+    assert coco["anchors"]["first_scale"] == 0.07 and paper["all"]["num_gt"] > 32
+    assert coco["anchors"]["resolved"]["sizes_px"] == [6.72, 14.4, 49.92, 85.44, 120.96]
     assert result["suggestion"]["s_min"] in (0.1, 0.2) and len(result["suggestion"]["grid"]) == 4
     written = json.loads((tmp_path / "run" / "anchor_coverage.json").read_text())
     assert written == json.loads(json.dumps(result))
@@ -284,9 +284,11 @@ def test_cli_analyse_on_tiny_experiment(tmp_path: Path, cache_dir: Path):
 def test_cli_rejects_anchor_configs_that_do_not_fit_the_network(tmp_path, cache_dir):
     overrides = ["experiment=tiny", f"paths.cache_dir={cache_dir}", "progress=false"]
     cfg = compose_config(
-        [*overrides, "compare=[ssd300]"], config_name="anchor_coverage", output_dir=tmp_path
+        [*overrides, "anchors.aspect_ratios=[[2],[2],[2],[2],[2],[2]]"],
+        config_name="anchor_coverage",
+        output_dir=tmp_path,
     )
-    with pytest.raises(ValueError, match="'ssd300' does not fit the network \\(4 feature maps"):
+    with pytest.raises(ValueError, match="6 per-map lists but the network has 4 source maps"):
         analyse(cfg)
     cfg = compose_config(
         [*overrides, "compare=[nonexistent]"], config_name="anchor_coverage", output_dir=tmp_path
@@ -308,10 +310,13 @@ def test_bccd_coverage_from_annotations_only(bccd_root: Path):
         config_name="anchor_coverage",
         output_dir="unused",
     )
-    from ssd_lightning.anchors_cli import dataset_boxes, network_geometry
+    from ssd_lightning.anchors_cli import dataset_boxes
+    from ssd_lightning.config import network_on_meta
 
     gt, sizes = dataset_boxes(cfg.data.datamodule.train_dataset)
     assert len(gt) == 205 and sum(len(b) for b in gt) == 2804  # after one degenerate box is dropped
-    size, maps = network_geometry(cfg.model)
-    report = coverage(gt, sizes, DefaultBoxes(size, maps, sizes=[21, 45, 99, 153, 207, 261, 315]))
+    net = network_on_meta(cfg)
+    report = coverage(
+        gt, sizes, DefaultBoxes.for_network(net, 300, **compose_option("anchors", "ssd300_coco"))
+    )
     assert report.covered.float().mean() > 0.99  # blood cells fit the COCO size table

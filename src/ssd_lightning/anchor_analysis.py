@@ -155,7 +155,7 @@ def coverage(
     """
     boxes, area, counts = _normalised(gt_boxes, image_sizes)
     coder = SSDBoxCoder(default_boxes.cxcywh, iou_threshold)
-    map_of_default = _map_of_default(default_boxes)
+    map_of_default = default_boxes.map_of_box
     num_maps = len(default_boxes.feature_maps)
     best_iou, best_map, _ = grid_iou_stats(boxes, default_boxes, iou_threshold)
     per_map = torch.zeros(boxes.shape[0], num_maps, dtype=torch.long)
@@ -173,7 +173,7 @@ def coverage(
     return CoverageReport(
         name=name,
         iou_threshold=float(iou_threshold),
-        anchors=default_boxes.settings(),
+        anchors={**default_boxes.settings(), "resolved": default_boxes.describe()},
         num_images=len(counts),
         num_defaults=len(default_boxes),
         anchor_shapes=[shapes * scale for _, _, shapes in _grids(default_boxes)],
@@ -204,13 +204,6 @@ def _normalised(
     whwh = sizes.flip(-1).repeat(1, 2).repeat_interleave(counts, dim=0)  # (N, 4): w, h, w, h
     area = (pixels[:, 2] - pixels[:, 0]) * (pixels[:, 3] - pixels[:, 1])
     return pixels / whwh, area, counts
-
-
-def _map_of_default(default_boxes: DefaultBoxes) -> Tensor:
-    """(A,) feature-map index of every default box (map-by-map layout)."""
-    per_map = [h * w * k for (h, w), k in zip(
-        default_boxes.feature_maps, default_boxes.boxes_per_location, strict=True)]  # fmt: skip
-    return torch.repeat_interleave(torch.arange(len(per_map)), torch.tensor(per_map))
 
 
 def _batches(counts: Tensor, num_defaults: int, max_elements: int) -> Iterator[Tensor]:
@@ -366,13 +359,12 @@ def suggest_scales(
         boxes = boxes[pick[:max_boxes]]
     if len(boxes) == 0:
         raise ValueError("suggest_scales: no GT boxes")
-    settings = {**default_boxes.settings(), "sizes": None}
     grid = []
     for s_min in s_min_values:
         for s_max in s_max_values:
             if s_min >= s_max:
                 continue
-            candidate = DefaultBoxes(**{**settings, "s_min": s_min, "s_max": s_max})
+            candidate = default_boxes.with_scales(s_min, s_max)
             best, _, count = grid_iou_stats(boxes, candidate, iou_threshold)
             grid.append({
                 "s_min": float(s_min),
@@ -442,17 +434,26 @@ def grid_iou_stats(
 
 
 def _grids(default_boxes: DefaultBoxes) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Per map: x centres (fw,), y centres (fh,) and the (K, 2) cell shapes (w, h).
-
-    Read from ``cxcywh`` in its documented layout: map by map, row-major cells, K boxes a cell.
-    """
-    first = 0
-    for (fh, fw), k in zip(
-        default_boxes.feature_maps, default_boxes.boxes_per_location, strict=True
-    ):
-        grid = default_boxes.cxcywh[first : first + fh * fw * k].view(fh, fw, k, 4)
+    """Per map: x centres (fw,), y centres (fh,) and the (K, 2) cell shapes (w, h)."""
+    for k in range(len(default_boxes.feature_maps)):
+        grid = default_boxes.map_grid(k)  # (fh, fw, K, 4)
         yield grid[0, :, 0, 0], grid[:, 0, 0, 1], grid[0, 0, :, 2:]
-        first += fh * fw * k
+
+
+def coverage_fraction(
+    records: Any, default_boxes: DefaultBoxes, iou_threshold: float = 0.5
+) -> float | None:
+    """Fraction of a dataset's GT boxes (crowd left out) with a default box at IoU >= threshold.
+
+    The "covered" figure of ``ssd-anchors``, from the annotations alone (``dataset.records``);
+    None without boxes.
+    """
+    boxes, sizes = records_boxes(records)
+    normalised, _, _ = _normalised(boxes, sizes)
+    if len(normalised) == 0:
+        return None
+    best, _, _ = grid_iou_stats(normalised, default_boxes, iou_threshold)
+    return float((best >= iou_threshold).float().mean())
 
 
 def _overlap(centre: Tensor, size: Tensor, centres: Tensor, sizes: Tensor) -> Tensor:
