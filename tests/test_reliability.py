@@ -120,7 +120,7 @@ def test_last_checkpoint_is_the_state_after_the_last_epoch(tmp_path: Path, cache
     # Validation (and so a top-k save) only after epoch 1 of 0..2.
     cfg = tiny_config(
         tmp_path, cache_dir, "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2",
-        
+
     )  # fmt: skip
     metrics = train(cfg)
     last = load_checkpoint(metrics["last_checkpoint"])
@@ -145,7 +145,7 @@ def test_resume_into_a_new_folder_keeps_best_score_and_checkpoint(
     before = run["metrics"]
     cfg = tiny_config(
         tmp_path, cache_dir, "trainer.max_epochs=3", f"ckpt_path={before['last_checkpoint']}",
-        
+
     )  # fmt: skip
     after = train(cfg, extra_callbacks=[WorseValidation()])
     assert after["best_mAP"] == pytest.approx(before["best_mAP"])

@@ -8,7 +8,7 @@ swept parameter of mAP against it (numeric axis where every value is a number, c
 otherwise) into ``--out`` (default ``<multirun folder>/report``).
 
 Status and time come from ``job_status.json``, written into each run folder by the Hydra
-callback :class:`JobStatusCallback` (the ``conf/sweep/*`` configs enable it): ``finished`` or
+callback ``ssd_lightning.sweeps.JobStatusCallback`` (on for every multirun): ``finished`` or
 ``failed`` with the exception, and the job's wall time. Without it: ``finished`` when
 ``metrics.json`` exists, ``failed`` when a log file ends in an exception, else ``incomplete``
 (killed, or still running); the time is then ``train_time_s`` of ``metrics.json`` if present,
@@ -25,52 +25,17 @@ import argparse
 import csv
 import json
 import math
-import os
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra.core.utils import JobReturn, JobStatus
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 METRIC_COLUMNS = ("best_mAP", "mAP", "mAP_50", "mAP_small")
 _METRIC_KEYS = {"mAP": "val/mAP", "mAP_50": "val/mAP_50", "mAP_small": "val/mAP_small"}
 # The last line of a Python traceback, e.g. "ValueError: anchors: steps needs 6 entries".
 _ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*$")
-
-
-class JobStatusCallback(Callback):
-    """Hydra callback: writes ``<run folder>/job_status.json`` with status, error and time.
-
-    Hydra keeps a failed job's exception in the launching process only (nothing reaches the
-    run folder); this records it where ``ssd-sweep-report`` looks. Enable with
-    ``hydra.callbacks.job_status._target_=ssd_lightning.sweep_report.JobStatusCallback``.
-    Processes of rank > 0 started by torchrun/SLURM (no saved config) write nothing.
-    """
-
-    def __init__(self) -> None:
-        self._start = time.time()
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._start = time.time()
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-        if config.hydra.output_subdir is None or rank != 0:
-            return
-        failed = job_return.status == JobStatus.FAILED
-        error = job_return._return_value if failed else None  # .return_value would re-raise
-        status = {
-            "status": "failed" if failed else "finished",
-            "error": f"{type(error).__name__}: {error}" if failed else None,
-            "time_s": time.time() - self._start,
-        }
-        path = Path(config.hydra.runtime.output_dir) / "job_status.json"
-        path.write_text(json.dumps(status, indent=2))
 
 
 def scan_multirun(folder: str | Path) -> list[dict[str, Any]]:

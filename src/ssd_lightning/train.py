@@ -25,18 +25,21 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from ssd_lightning.anchor_analysis import coverage_fraction
 from ssd_lightning.callbacks import ReseedEveryEpoch, check_writable, tensorboard
 from ssd_lightning.checkpoint import load_checkpoint
-from ssd_lightning.config import CONFIG_DIR, check_required, to_plain
+from ssd_lightning.config import CONFIG_DIR, build_network, check_required, to_plain
 from ssd_lightning.ddp import launched_local_ranks
 from ssd_lightning.module import SSDModule
+from ssd_lightning.sweeps import fingerprint, format_plan, write_fingerprint
 
 
 def build_module(cfg: DictConfig) -> SSDModule:
     """The LightningModule from the model, anchors, loss, optim, sched and module groups."""
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
+    net = build_network(cfg)
     return SSDModule(
-        net=instantiate(cfg.model.net),
+        net=net,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=scheduler,
@@ -47,7 +50,7 @@ def build_module(cfg: DictConfig) -> SSDModule:
         no_decay_bias_norm=cfg.optim.no_decay_bias_norm,
         base_batch_size=cfg.optim.base_batch_size,
         batch_size=cfg.data.batch_size,
-        net_config=to_plain(cfg.model.net),
+        net_config={**to_plain(cfg.model.net), "num_boxes": list(net.num_boxes)},
         **to_plain(cfg.module),
     )
 
@@ -90,6 +93,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         ``last_checkpoint``, ``log_dir`` and ``train_time_s`` (wall time of fitting, seconds).
     """
     check_required(cfg)
+    if cfg.get("dry_run"):
+        print_ = fingerprint(cfg)
+        print(format_plan([[]], [print_]), flush=True)
+        return {"fingerprint": print_["id"]}
     check_writable(cfg.paths.output_dir, "run folder")
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path)  # a clear error for a broken file, before any work
@@ -98,6 +105,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, extra_callbacks)
+    study = study_record(cfg, module, datamodule) if trainer.is_global_zero else {}
     start = time.perf_counter()
     with launched_local_ranks(trainer, cfg, cfg.paths.output_dir):
         # Our checkpoints hold only tensors and plain values: resume without unpickling code.
@@ -106,6 +114,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         )
     metrics = final_metrics(trainer)
     metrics.update(run_health(trainer, module, datamodule))
+    metrics.update(study)
     metrics["train_time_s"] = round(time.perf_counter() - start, 1)
     if trainer.is_global_zero:
         _log_hparams(trainer, cfg, metrics)
@@ -132,6 +141,18 @@ def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
     logger = tensorboard(trainer)
     metrics["log_dir"] = logger.log_dir if logger is not None else None
     return metrics
+
+
+def study_record(cfg: DictConfig, module: SSDModule, datamodule: Any) -> dict[str, Any]:
+    """What a sweep compares this run by: its fingerprint (also written to
+    ``fingerprint.json``) and the anchor coverage of its training set."""
+    print_ = fingerprint(cfg, module.anchors)
+    write_fingerprint(cfg.paths.output_dir, print_)
+    records = getattr(datamodule.train_dataset, "records", None)
+    covered = None
+    if records is not None:
+        covered = coverage_fraction(records, module.anchors, module.box_coder.iou_threshold)
+    return {"fingerprint": print_["id"], "anchor_coverage": covered}
 
 
 def run_health(trainer: L.Trainer, module: SSDModule, datamodule: Any) -> dict[str, Any]:
@@ -194,11 +215,14 @@ def _log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -
     if logger is None:
         return
     params = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    params["fingerprint"] = metrics.get("fingerprint") or ""
     finals = {
         f"hp/{key.split('/', 1)[1]}": value
         for key, value in metrics.items()
         if key in ("val/mAP", "val/mAP_50", "val/mAP_75", "val/mAP_voc07")
     }
+    if metrics.get("anchor_coverage") is not None:
+        finals["hp/anchor_coverage"] = metrics["anchor_coverage"]
     if metrics.get("best_mAP") is not None:
         finals["hp/best_mAP"] = metrics["best_mAP"]
     logger.log_hyperparams(params, metrics=finals)

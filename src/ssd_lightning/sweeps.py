@@ -1,0 +1,235 @@
+"""Sweeps that change what they sweep: job fingerprints and the check at launch.
+
+A job's *fingerprint* is a short hash of what it effectively trains: the default boxes
+themselves (not the settings that produced them), the loss, the network and its input, the
+data and augmentation, the optimiser and schedule, and the matching settings. The seed, the
+loaders' worker counts, logging, checkpoints and output paths are left out: two jobs that
+differ only in those train the same experiment. ``ssd-train`` writes it into every run folder
+(``fingerprint.json``) and TensorBoard's HParams; ``ssd-sweep-report`` groups runs by it.
+
+``SweepCheckCallback`` (enabled in ``conf/hydra/default.yaml``) composes every job of a Hydra
+multirun before any starts, and refuses the sweep when two jobs have the same fingerprint,
+naming the overrides that change nothing. Jobs that differ only in ``seed`` are replicates
+and always allowed; ``allow_duplicate_runs=true`` allows the rest on purpose. Sweepers that
+choose their jobs as they go (Optuna) are not checked. ``ssd-train -m ... dry_run=true``
+prints every job's fingerprint and default boxes and trains nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from ssd_lightning.anchors import DefaultBoxes
+from ssd_lightning.config import network_on_meta, to_plain
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "fingerprint.json"
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# Overrides that never change what a job trains (replicates, loaders, outputs).
+REPLICATE_KEYS = ("seed",)
+_LOADER_KEYS = ("num_workers", "persistent_workers", "pin_memory", "seed")
+_SCHEDULE_KEYS = (
+    "max_epochs", "max_steps", "accumulate_grad_batches", "gradient_clip_val", "precision",
+    "devices", "num_nodes",
+)  # fmt: skip
+
+
+class DuplicateRunsError(ValueError):
+    """Jobs of a sweep would train the same thing; the message names the overrides."""
+
+
+def fingerprint(cfg: DictConfig, default_boxes: DefaultBoxes | None = None) -> dict[str, Any]:
+    """``{"id": 12 hex digits, "parts": what it hashes}`` for a composed training config.
+
+    Args:
+        cfg: the job's config (``ssd-train`` composition).
+        default_boxes: the job's default boxes if already built (else measured on a network
+            built on the meta device: no memory, no weights read).
+    """
+    if default_boxes is None:
+        net = network_on_meta(cfg)
+        default_boxes = DefaultBoxes.for_network(
+            net, to_plain(cfg.model.image_size), **to_plain(cfg.anchors)
+        )
+    boxes = default_boxes.cxcywh.contiguous()
+    data = to_plain(cfg.data.datamodule)
+    parts = {
+        "default_boxes": {
+            "sha256": hashlib.sha256(boxes.numpy().tobytes()).hexdigest()[:16],
+            **default_boxes.describe(),
+        },
+        "loss": to_plain(cfg.loss),
+        "network": {
+            "net": to_plain(cfg.model.net),
+            **{k: to_plain(cfg.model[k]) for k in ("image_size", "mean", "std")},
+        },
+        "matching": {k: to_plain(cfg.module[k]) for k in ("iou_threshold", "variances")},
+        "data": {k: v for k, v in data.items() if k not in _LOADER_KEYS},
+        "schedule": {
+            "optim": to_plain(cfg.optim),
+            "sched": to_plain(cfg.get("sched")),
+            **{k: to_plain(cfg.trainer.get(k)) for k in _SCHEDULE_KEYS},
+        },
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return {"id": hashlib.sha256(text.encode()).hexdigest()[:12], "parts": parts}
+
+
+def write_fingerprint(folder: str | os.PathLike[str], print_: dict[str, Any]) -> Path:
+    path = Path(folder) / FINGERPRINT_FILE
+    path.write_text(json.dumps(print_, indent=2, default=str))
+    return path
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The override list of every job of a basic-sweeper multirun (None for other sweepers)."""
+    if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    params += list(to_plain(config.hydra.overrides.task) or [])
+    overrides = OverridesParser.create().parse_overrides(params)
+    return BasicSweeper.split_arguments(overrides, None)[0]
+
+
+def duplicate_groups(
+    jobs: Sequence[Sequence[str]], ids: Sequence[str]
+) -> list[tuple[list[int], list[str]]]:
+    """Jobs sharing a fingerprint other than replicates: (job numbers, overrides that differ)."""
+    groups: dict[str, list[int]] = {}
+    for number, job_id in enumerate(ids):
+        groups.setdefault(job_id, []).append(number)
+    found = []
+    for members in groups.values():
+        values = [dict(o.split("=", 1) for o in jobs[m]) for m in members]
+        keys = sorted({k for v in values for k in v})
+        differ = [k for k in keys if len({v.get(k) for v in values}) > 1]
+        if len(members) > 1 and any(k.lstrip("+~") not in REPLICATE_KEYS for k in differ):
+            found.append((members, [k for k in differ if k.lstrip("+~") not in REPLICATE_KEYS]))
+    return found
+
+
+def check_sweep(config: DictConfig) -> list[dict[str, Any]] | None:
+    """Compose every job of the multirun and refuse duplicates (see the module docstring).
+
+    With ``dry_run=true`` prints one line per job (overrides, fingerprint, default boxes).
+
+    Returns:
+        The fingerprint of every job, or None when the sweeper is not checked.
+
+    Raises:
+        DuplicateRunsError: naming the jobs and the overrides that have no effect.
+        ValueError: a job that cannot be built (e.g. anchors that do not fit the network),
+            naming the job.
+    """
+    jobs = sweep_jobs(config)
+    if jobs is None:
+        log.info("sweep check: %s chooses its own jobs; not checked", config.hydra.sweeper._target_)
+        return None
+    prints = []
+    for number, job in enumerate(jobs):
+        try:
+            prints.append(fingerprint(compose(config_name=config.hydra.job.config_name,
+                                              overrides=list(job))))  # fmt: skip
+        except ValueError as e:
+            raise type(e)(f"sweep job #{number} ({' '.join(job)}) cannot be built: {e}") from e
+    ids = [p["id"] for p in prints]
+    if config.get("dry_run"):
+        print(format_plan(jobs, prints), flush=True)
+    duplicates = duplicate_groups(jobs, ids)
+    if duplicates and not config.get("allow_duplicate_runs"):
+        lines = []
+        for members, keys in duplicates:
+            listed = "; ".join(f"#{m}: " + " ".join(jobs[m]) for m in members)
+            lines.append(
+                f"  jobs {', '.join(f'#{m}' for m in members)} train the same thing "
+                f"(fingerprint {ids[members[0]]}): {', '.join(keys)} change nothing here\n"
+                f"    ({listed})"
+            )
+        raise DuplicateRunsError(
+            f"{len(jobs)} sweep jobs, of which some would train exactly what another trains:\n"
+            + "\n".join(lines)
+            + "\nRemove those values from the sweep (e.g. the anchor preset sets what they "
+            "change), or set allow_duplicate_runs=true to run them anyway. Jobs that differ "
+            "only in seed are replicates and always allowed."
+        )
+    log.info("sweep check: %d jobs, %d distinct settings", len(jobs), len(set(ids)))
+    return prints
+
+
+def format_plan(jobs: Sequence[Sequence[str]], prints: Sequence[dict[str, Any]]) -> str:
+    """One line per job: number, overrides, fingerprint, the default boxes it trains."""
+    lines = [f"{len(jobs)} jobs, {len({p['id'] for p in prints})} distinct fingerprints:"]
+    for number, (job, print_) in enumerate(zip(jobs, prints, strict=True)):
+        boxes = print_["parts"]["default_boxes"]
+        sizes = ",".join(f"{s:g}" for s in boxes["sizes_px"])
+        lines.append(
+            f"  #{number} {print_['id']}  {boxes['num_boxes']} boxes, sizes {sizes} px, "
+            f"boxes/cell {boxes['boxes_per_location']}  <- {' '.join(job)}"
+        )
+    return "\n".join(lines)
+
+
+class SweepCheckCallback(Callback):
+    """Hydra callback: ``check_sweep`` before a multirun starts any job; with
+    ``dry_run=true`` it prints the plan and ends the process instead of training."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_sweep(config)
+        if config.get("dry_run"):
+            raise SystemExit(0)
+
+
+class JobStatusCallback(Callback):
+    """Hydra callback: writes ``<run folder>/job_status.json`` with status, error and time.
+
+    Hydra keeps a failed job's exception in the launching process only (nothing reaches the
+    run folder); this records it where ``ssd-sweep-report`` looks. Processes of rank > 0
+    started by torchrun/SLURM (no saved config) write nothing.
+    """
+
+    def __init__(self) -> None:
+        self._start = time.time()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._start = time.time()
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        if config.hydra.output_subdir is None or rank != 0:
+            return
+        failed = job_return.status == JobStatus.FAILED
+        error = job_return._return_value if failed else None  # .return_value would re-raise
+        status = {
+            "status": "failed" if failed else "finished",
+            "error": f"{type(error).__name__}: {error}" if failed else None,
+            "time_s": time.time() - self._start,
+        }
+        path = Path(config.hydra.runtime.output_dir) / "job_status.json"
+        path.write_text(json.dumps(status, indent=2))
+
+
+__all__ = [
+    "DuplicateRunsError",
+    "JobStatusCallback",
+    "SweepCheckCallback",
+    "check_sweep",
+    "duplicate_groups",
+    "fingerprint",
+    "sweep_jobs",
+]
