@@ -149,7 +149,8 @@ def test_report_writes_csv_markdown_and_plots(fake_multirun: Path, tmp_path: Pat
     assert "| run | loss.neg_pos_ratio | anchors | best_mAP |" in printed
     assert "common overrides: experiment=tiny sweep=neg_pos" in printed
     assert "| 10 | 5 | ssd300_voc |" in printed and "failed" in printed
-    assert "best: run 1 best_mAP 0.6000" in printed
+    assert "best: loss.neg_pos_ratio=3 anchors=ssd300: best_mAP 0.6000 over 1 run(s)" in printed
+    assert "no setting was run with two or more seeds" in printed  # so no noise claim
 
     with (out / "sweep_report.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -160,11 +161,65 @@ def test_report_writes_csv_markdown_and_plots(fake_multirun: Path, tmp_path: Pat
     assert (
         rows[0]["overrides"] == "experiment=tiny sweep=neg_pos loss.neg_pos_ratio=1 anchors=ssd300"
     )
-    assert (out / "sweep_report.md").read_text().count("\n| ") == 5  # header + 4 runs
+    runs_table = (out / "sweep_report.md").read_text().split("Settings")[0]
+    assert runs_table.count("\n| ") == 5  # header + 4 runs
 
     plots = sorted(p.name for p in out.glob("*.png"))
     assert plots == ["mAP_vs_anchors.png", "mAP_vs_loss.neg_pos_ratio.png"]
     assert all((out / p).read_bytes()[:8] == PNG_MAGIC for p in plots)
+
+
+def seeded_multirun(root: Path, values: dict[str, list[float]], fingerprints: dict) -> Path:
+    """Runs of several s_min settings, one per seed, with given best mAPs."""
+    number = 0
+    for s_min, maps in values.items():
+        for seed, best in enumerate(maps, start=1):
+            extra = {"anchor_coverage": float(s_min) + 0.5, "fingerprint": fingerprints[s_min]}
+            make_run(
+                root, number, [f"anchors.s_min={s_min}", f"seed={seed}"],
+                metrics(best, best, best + 0.3, 0.1, **extra),
+            )  # fmt: skip
+            number += 1
+    return root
+
+
+def test_settings_average_seeds_and_judge_noise_by_a_pooled_t_test(tmp_path: Path) -> None:
+    from scipy import stats
+
+    values = {"0.1": [0.70, 0.72, 0.71], "0.2": [0.75, 0.76, 0.74], "0.3": [0.74, 0.70]}
+    root = seeded_multirun(tmp_path / "multi", values, {"0.1": "a", "0.2": "b", "0.3": "c"})
+    records = report(root)
+    assert len(records) == 8
+    with (root / "report" / "sweep_settings.csv").open() as f:
+        rows = {row["setting"]: row for row in csv.DictReader(f)}
+    best, worse, close = (
+        rows["anchors.s_min=0.2"],
+        rows["anchors.s_min=0.1"],
+        rows["anchors.s_min=0.3"],
+    )
+    assert (best["rank"], best["n"], best["verdict"]) == ("1", "3", "best")
+    assert float(best["best_mAP_mean"]) == pytest.approx(0.75)
+    assert float(best["best_mAP_std"]) == pytest.approx(0.01)
+    # pooled std over all three settings: sum of squares / (2 + 2 + 1) degrees of freedom
+    squares = sum(sum((v - sum(m) / len(m)) ** 2 for v in m) for m in values.values())
+    sd = math.sqrt(squares / 5)
+    t = (0.75 - 0.71) / (sd * math.sqrt(1 / 3 + 1 / 3))
+    assert float(worse["p_value"]) == pytest.approx(2 * stats.t.sf(t, 5))
+    assert worse["verdict"] == "worse" and close["verdict"] == "within noise"
+    assert float(close["anchor_coverage"]) == pytest.approx(0.8)
+    text = (root / "report" / "sweep_report.md").read_text()
+    assert "Rule: A setting differs from the best one when a two-sided t-test" in text
+    assert "pooled, 5 degrees of freedom" in text and "**Runs" not in text
+    assert (root / "report" / "mAP_vs_anchor_coverage.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_runs_with_one_fingerprint_are_flagged_in_bold(tmp_path: Path) -> None:
+    values = {"0.1": [0.70], "0.2": [0.70]}
+    root = seeded_multirun(tmp_path / "multi", values, {"0.1": "same", "0.2": "same"})
+    report(root)
+    text = (root / "report" / "sweep_report.md").read_text()
+    assert "**Runs 0, 1 trained the same thing (fingerprint same)" in text
+    assert "| 2 | anchors.s_min=0.2 | 1 | 0.7000 |" in text and "no replicates" in text
 
 
 def test_job_status_file_and_incomplete_runs(tmp_path: Path) -> None:

@@ -14,9 +14,17 @@ callback ``ssd_lightning.sweeps.JobStatusCallback`` (on for every multirun): ``f
 (killed, or still running); the time is then ``train_time_s`` of ``metrics.json`` if present,
 else the time from the run's ``.hydra/config.yaml`` (written at job start) to its newest file.
 
+Seeds and settings: runs that differ only in ``seed`` are replicates of one setting. A second
+table (``sweep_settings.csv``) gives every setting's mean, standard deviation and number of
+best-mAP values, its mean anchor coverage (the training boxes with a default box at IoU >= 0.5,
+recorded by ``ssd-train``), its rank and whether it differs from the best setting beyond seed
+noise (the rule in ``ssd_lightning.sweep_stats.NOISE_RULE``, printed with the table). Runs
+whose fingerprints (``fingerprint.json``) are equal trained the same thing: the report says so
+in bold. ``mAP_vs_anchor_coverage.png`` shows whether coverage predicted the winner.
+
 TensorBoard's HParams view reads the same sweep: every run logs its resolved config with its
-final metrics (``hp/mAP``, ``hp/mAP_50``, ``hp/best_mAP``), so
-``tensorboard --logdir <multirun folder>`` shows all runs side by side under HPARAMS.
+final metrics (``hp/mAP``, ``hp/mAP_50``, ``hp/best_mAP``, ``hp/anchor_coverage``) and its
+fingerprint, so ``tensorboard --logdir <multirun folder>`` shows all runs side by side.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ssd_lightning.sweep_stats import NOISE_RULE, Setting, group_settings, rank
 
 METRIC_COLUMNS = ("best_mAP", "mAP", "mAP_50", "mAP_small")
 _METRIC_KEYS = {"mAP": "val/mAP", "mAP_50": "val/mAP_50", "mAP_small": "val/mAP_small"}
@@ -67,6 +77,10 @@ def _read_run(run: Path, root: Path) -> dict[str, Any]:
     record["best_mAP"] = metrics.get("best_mAP", metrics.get("val/mAP"))
     for column, key in _METRIC_KEYS.items():
         record[column] = metrics.get(key)
+    record["anchor_coverage"] = metrics.get("anchor_coverage")
+    record["fingerprint"] = metrics.get("fingerprint") or _read_json(run / "fingerprint.json").get(
+        "id"
+    )
     job = _read_json(run / "job_status.json")
     if job.get("status"):
         status, error = job["status"], job.get("error")
@@ -122,16 +136,91 @@ def swept_keys(records: Sequence[dict[str, Any]]) -> list[str]:
 def table_rows(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """Columns and rows of the report table (swept overrides, metrics, time, status)."""
     params = swept_keys(records)
-    columns = ["run", *params, *METRIC_COLUMNS, "time_s", "status", "error"]
+    extra = ("anchor_coverage", "time_s", "fingerprint", "status", "error")
+    columns = ["run", *params, *METRIC_COLUMNS, *extra]
     rows = [
         {
             "run": r["run"],
             **{k: r["overrides"].get(k, "") for k in params},
-            **{k: r[k] for k in (*METRIC_COLUMNS, "time_s", "status", "error")},
+            **{k: r.get(k) for k in (*METRIC_COLUMNS, *extra)},
         }
         for r in records
     ]
     return columns, rows
+
+
+def same_fingerprint(records: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """Fingerprints shared by runs of different settings (seeds aside): (id, runs)."""
+    keys = [k for k in swept_keys(records) if k != "seed"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record.get("fingerprint"):
+            groups.setdefault(record["fingerprint"], []).append(record)
+    shared = []
+    for print_id, members in groups.items():
+        settings = {tuple(r["overrides"].get(k) for k in keys) for r in members}
+        if len(settings) > 1:
+            shared.append((print_id, [r["run"] for r in members]))
+    return shared
+
+
+def settings_rows(records: Sequence[dict[str, Any]]) -> tuple[list[Setting], str]:
+    """Ranked settings (seeds averaged) and a line on the seed noise they were judged by."""
+    ranked, sd, dof = rank(group_settings(records, swept_keys(records)))
+    noise = (
+        f"seed-to-seed std of best mAP: {sd:.4f} (pooled, {dof} degrees of freedom)"
+        if sd is not None
+        else "no setting was run with two or more seeds"
+    )
+    return ranked, noise
+
+
+def _setting_row(position: int, setting: Setting, best: Setting) -> dict[str, Any]:
+    return {
+        "rank": position,
+        "setting": " ".join(f"{k}={v}" for k, v in setting.overrides.items()) or "(all runs)",
+        "n": setting.n,
+        "best_mAP_mean": setting.mean,
+        "best_mAP_std": setting.std,
+        "mAP_50_mean": sum(setting.mAP_50) / len(setting.mAP_50) if setting.mAP_50 else None,
+        "anchor_coverage": setting.mean_coverage,
+        "delta_vs_best": setting.mean - best.mean,
+        "p_value": setting.p_value,
+        "verdict": setting.verdict,
+        "runs": " ".join(setting.runs),
+    }
+
+
+def write_settings_csv(ranked: Sequence[Setting], path: Path) -> None:
+    rows = [_setting_row(i, s, ranked[0]) for i, s in enumerate(ranked, start=1)]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]) if rows else ["rank"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def settings_markdown(ranked: Sequence[Setting], noise: str) -> str:
+    """The ranked settings as Markdown, with the rule used for 'within noise'."""
+    if not ranked:
+        return "No finished run to rank."
+    lines = [
+        "| rank | setting | n | best_mAP mean ± std | mAP_50 mean | anchor coverage | "
+        "Δ vs best | p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in (_setting_row(i, s, ranked[0]) for i, s in enumerate(ranked, start=1)):
+        std = "" if row["best_mAP_std"] is None else f" ± {row['best_mAP_std']:.4f}"
+        cells = [
+            str(row["rank"]), row["setting"], str(row["n"]), f"{row['best_mAP_mean']:.4f}{std}",
+            _cell(row["mAP_50_mean"], 4), _pct(row["anchor_coverage"]),
+            f"{row['delta_vs_best']:+.4f}", _cell(row["p_value"], 3), row["verdict"],
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", f"Rule: {NOISE_RULE}", f"Measured: {noise}."])
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
 
 
 def write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
@@ -155,8 +244,14 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:
         cells = [_cell(row[c], 1 if c == "time_s" else 4) for c in columns]
+        cells[columns.index("anchor_coverage")] = _pct(row["anchor_coverage"])
         cells[-1] = cells[-1].splitlines()[0][:120] if cells[-1] else ""  # first error line
         lines.append("| " + " | ".join(cells) + " |")
+    for print_id, runs in same_fingerprint(records):
+        lines.append(
+            f"\n**Runs {', '.join(runs)} trained the same thing (fingerprint {print_id}): "
+            "the overrides that tell them apart changed nothing.**"
+        )
     return "\n".join(lines)
 
 
@@ -212,6 +307,34 @@ def plot_swept(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
+def plot_coverage(ranked: Sequence[Setting], path: Path) -> Path | None:
+    """Mean best mAP (± seed std) of every setting against its anchor coverage."""
+    points = [s for s in ranked if s.mean_coverage is not None]
+    if len(points) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for s in points:
+        colour = "C3" if s.verdict == "best" else ("C0" if s.verdict == "within noise" else "0.4")
+        ax.errorbar(100 * s.mean_coverage, s.mean, yerr=s.std or 0.0, fmt="o", color=colour,
+                    capsize=3)  # fmt: skip
+        label = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in s.overrides.items())
+        ax.annotate(f"{label} (n={s.n})", (100 * s.mean_coverage, s.mean), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("anchor coverage of the training boxes (%, best IoU >= 0.5)")
+    ax.set_ylabel("best validation mAP (mean ± seed std)")
+    ax.set_title("Did coverage predict the winner? (red: best, blue: within noise)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _file_name(key: str) -> str:
     return re.sub(r"[^\w.-]+", "_", key)
 
@@ -245,15 +368,24 @@ def report(folder: str | Path, out_dir: str | Path | None = None) -> list[dict[s
     out = Path(out_dir) if out_dir is not None else folder / "report"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(records, out / "sweep_report.csv")
-    text = markdown_table(records)
+    ranked, noise = settings_rows(records)
+    write_settings_csv(ranked, out / "sweep_settings.csv")
+    text = f"{markdown_table(records)}\n\nSettings (seeds averaged):\n\n"
+    text += settings_markdown(ranked, noise)
     (out / "sweep_report.md").write_text(text + "\n")
     plots = plot_swept(records, out)
+    coverage_plot = plot_coverage(ranked, out / "mAP_vs_anchor_coverage.png")
+    plots += [coverage_plot] if coverage_plot else []
     print(text)
-    finished = [r for r in records if r["status"] == "finished" and r["best_mAP"] is not None]
-    if finished:
-        best = max(finished, key=lambda r: r["best_mAP"])
-        print(f"\nbest: run {best['run']} best_mAP {best['best_mAP']:.4f}")
-    print(f"\nwritten: {out / 'sweep_report.csv'}, {out / 'sweep_report.md'}, {len(plots)} plots")
+    if ranked:
+        best = ranked[0]
+        std = f" ± {best.std:.4f}" if best.std is not None else ""
+        setting = " ".join(f"{k}={v}" for k, v in best.overrides.items()) or "(all runs)"
+        print(f"\nbest: {setting}: best_mAP {best.mean:.4f}{std} over {best.n} run(s)")
+    print(
+        f"\nwritten: {out / 'sweep_report.csv'}, {out / 'sweep_settings.csv'}, "
+        f"{out / 'sweep_report.md'}, {len(plots)} plots"
+    )
     print(f"TensorBoard HParams view: tensorboard --logdir {folder}")
     return records
 
