@@ -324,7 +324,7 @@ class SSDDataModule(LightningDataModule):
         return self._wrapped[split]
 
     def _loader(
-        self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None
+        self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None, train: bool = False
     ) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return DataLoader(
@@ -337,6 +337,9 @@ class SSDDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             collate_fn=ssd_collate,
             worker_init_fn=functools.partial(seed_worker, rank=rank),
+            # Training: full batches only (a short last batch would recompile a compiled
+            # network for its shape, and weigh its few images like a full batch).
+            drop_last=train,
         )
 
     def _eval_loader(self, split: str) -> DataLoader:
@@ -351,7 +354,7 @@ class SSDDataModule(LightningDataModule):
         return self._loader(dataset, shuffle=False, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._wrapped_split("train"), shuffle=True)
+        return self._loader(self._wrapped_split("train"), shuffle=True, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
