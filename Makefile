@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_loss_postprocess.py
 	$(BIN)/python scripts/bench_data.py
 	$(BIN)/python scripts/bench_inference.py
+	$(BIN)/python scripts/bench_eval.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .cache

@@ -120,7 +120,6 @@ class SSDModule(L.LightningModule):
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
         self._compiled = False
-        self._val_images = 0
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -286,14 +285,9 @@ class SSDModule(L.LightningModule):
         self.log("val/loss", losses["loss"], batch_size=size, sync_dist=True)
         preds = self.postprocess(loc.float(), cls_logits.float(), batch["orig_sizes"])
         self.val_metrics.update(preds, _targets(batch))
-        self._val_images += size
         return preds
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_images = 0
-
     def on_validation_epoch_end(self) -> None:
-        self._pad_to_equal_image_counts()
         results = self.val_metrics.compute()
         self.val_metrics.reset()
         self.last_val_results = results
@@ -301,28 +295,6 @@ class SSDModule(L.LightningModule):
             # Identical on every rank (the metric state was gathered before compute()); the
             # mean over ranks keeps it so and tells Lightning the value is global.
             self.log(f"val/{name}", value, prog_bar=name in ("mAP", "mAP_50"), sync_dist=True)
-
-    def _pad_to_equal_image_counts(self) -> None:
-        """Give every rank's metric the same number of images before the DDP sync.
-
-        The DataModule's evaluation sampler splits the images without padding (so none is
-        counted twice), which leaves some ranks one image short. torchmetrics gathers the COCO
-        metric's state image by image, so unequal counts would mismatch the collectives. The
-        short ranks therefore add empty images (no ground truth, no detection): they match
-        nothing and change neither COCO nor VOC AP.
-        """
-        images = torch.tensor(float(self._val_images), device=self.device)
-        count, world = _all_reduce(images, "MAX")
-        missing = int(count) - self._val_images
-        if world == 1 or missing == 0:
-            return
-        empty_boxes = torch.zeros(0, 4, device=self.device)
-        empty_labels = torch.zeros(0, dtype=torch.long, device=self.device)
-        pred = {"boxes": empty_boxes, "scores": torch.zeros(0, device=self.device),
-                "labels": empty_labels}  # fmt: skip
-        target = {"boxes": empty_boxes, "labels": empty_labels,
-                  "difficult": torch.zeros(0, dtype=torch.bool, device=self.device)}  # fmt: skip
-        self.val_metrics.update([pred] * missing, [target] * missing)
 
     # ---------------------------------------------------------------- optimisation
 
