@@ -128,3 +128,25 @@ def test_format_table_lists_summary_and_classes():
         "-",
         "1.0000",
     ]
+
+
+def test_last_coco_eval_keeps_the_evaluated_rows():
+    """The rows behind the figures (for the confusion matrix): every detection and object of
+    every image, crowd flags included; kept after reset() until the next compute()."""
+    targets = scene()
+    targets[0]["difficult"] = torch.tensor([True, False, False, False, False, False])
+    preds = perfect(targets)
+    metrics = DetectionMetrics(NAMES)
+    metrics.update(preds[:4], targets[:4])
+    metrics.update(preds[4:], targets[4:])
+    metrics.compute()
+    metrics.reset()
+    curves = metrics.last_coco_eval
+    assert curves.dets.shape == (36, 7) and curves.gts.shape == (36, 7)
+    assert sorted(set(curves.dets[:, 0].tolist())) == list(range(6))
+    assert curves.gts[:, 5].tolist() == [1.0] + [0.0] * 35
+    expected = torch.cat([t["boxes"] for t in targets]).double()
+    torch.testing.assert_close(torch.from_numpy(curves.gts[:, 1:3]), expected[:, :2])
+    torch.testing.assert_close(
+        torch.from_numpy(curves.gts[:, 3:5]), expected[:, 2:] - expected[:, :2]
+    )

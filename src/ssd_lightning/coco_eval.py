@@ -10,6 +10,8 @@ batch came from; nothing is converted per box and nothing is synced per batch.
 the rows, so ranks may have seen different numbers of images), shifts each rank's image ids by
 the image counts of the ranks before it, and evaluates everything on every rank, so all ranks
 return the same figures. Images with neither boxes nor detections (e.g. padding) change nothing.
+The gathered rows are returned with the figures (``COCOCurves.dets`` / ``gts``), so later
+analyses (:mod:`ssd_lightning.error_analysis`) need no second gather.
 
 Evaluation is faster_coco_eval's ``COCOeval_faster`` (C++ matching and accumulation, the same
 rules as pycocotools: 10 IoU thresholds .50:.05:.95, 101 recall points, areas all / small /
@@ -71,11 +73,14 @@ class COCOCurves:
         labels: Class label of each K index.
         iou_thresholds: (T,) IoU thresholds.
         recall_thresholds: (R,) recall thresholds.
+        dets: The evaluated detection rows ``[image_id, x, y, w, h, score, label]`` of every
+            rank (image ids made unique), e.g. for a confusion matrix without a second gather.
+        gts: The ground-truth rows ``[image_id, x, y, w, h, iscrowd, label]``, likewise.
 
     Shape:
         stats: (12,); precision, scores: (T, R, K, A, M); recall: (T, K, A, M); labels: (K,),
         with T = 10 IoU thresholds, R = 101 recall points, K classes, A = 4 ``AREA_RANGES``,
-        M = 3 ``MAX_DETS``.
+        M = 3 ``MAX_DETS``; dets: (N, 7), gts: (G, 7) float64.
     """
 
     stats: np.ndarray
@@ -85,6 +90,8 @@ class COCOCurves:
     labels: np.ndarray
     iou_thresholds: np.ndarray
     recall_thresholds: np.ndarray
+    dets: np.ndarray
+    gts: np.ndarray
 
     def summary(self) -> dict[str, float]:
         """The 12 statistics as ``STAT_KEYS`` name -> float."""
@@ -311,6 +318,8 @@ def _evaluate_with_faster_coco_eval(
         labels=np.asarray(coco_eval.params.catIds, dtype=np.int64),
         iou_thresholds=np.asarray(coco_eval.params.iouThrs),
         recall_thresholds=np.asarray(coco_eval.params.recThrs),
+        dets=dets,
+        gts=gts,
     )
 
 
@@ -329,8 +338,8 @@ def torchmetrics_rows(
     """
     from torchmetrics.detection import MeanAveragePrecision
 
-    dets = dets[np.isin(dets[:, 6], labels)]
-    gts = gts[np.isin(gts[:, 6], labels)]
+    evaluated_dets = dets[np.isin(dets[:, 6], labels)]
+    evaluated_gts = gts[np.isin(gts[:, 6], labels)]
     metric = MeanAveragePrecision(
         box_format="xywh",
         iou_thresholds=IOU_THRESHOLDS.tolist(),
@@ -342,11 +351,11 @@ def torchmetrics_rows(
     metric.warn_on_many_detections = False
     preds = [
         {"boxes": r[:, 1:5], "scores": r[:, 5], "labels": r[:, 6].long()}
-        for r in _per_image(dets, num_images)
+        for r in _per_image(evaluated_dets, num_images)
     ]
     targets = [
         {"boxes": r[:, 1:5], "iscrowd": r[:, 5].long(), "labels": r[:, 6].long()}
-        for r in _per_image(gts, num_images)
+        for r in _per_image(evaluated_gts, num_images)
     ]
     metric.update(preds, targets)
     out = metric.compute()
@@ -360,6 +369,8 @@ def torchmetrics_rows(
         labels=out["classes"].reshape(-1).numpy().astype(np.int64),
         iou_thresholds=IOU_THRESHOLDS,
         recall_thresholds=RECALL_THRESHOLDS,
+        dets=dets,
+        gts=gts,
     )
 
 
