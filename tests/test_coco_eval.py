@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ssd_lightning.coco_eval import STAT_KEYS, COCOEvaluator, batch_rows
+from ssd_lightning.error_analysis import confusion_matrix
 from ssd_lightning.metrics import DetectionMetrics
 
 TESTS = Path(__file__).resolve().parent
@@ -204,7 +205,14 @@ def run_metrics(targets, preds):
     metrics = DetectionMetrics(NAMES)
     for start in range(0, len(preds), 3):
         metrics.update(preds[start : start + 3], targets[start : start + 3])
-    return {"results": metrics.compute(), "precision": metrics.last_coco_eval.precision.tolist()}
+    results = metrics.compute()
+    curves = metrics.last_coco_eval
+    return {
+        "results": results,
+        "precision": curves.precision.tolist(),
+        # From the rows gathered on this rank: independent of the image order.
+        "confusion": confusion_matrix(curves.dets, curves.gts, len(NAMES) + 1).tolist(),
+    }
 
 
 def rank_results(rank: int) -> dict[str, dict]:
@@ -223,7 +231,8 @@ def rank_results(rank: int) -> dict[str, dict]:
 
 def test_two_ranks_on_uneven_shards_equal_one_process(tmp_path):
     """gloo, 2 CPU processes: 7 + 4 images (also with empty padding, and with an idle rank)
-    give every rank the one-process results of all 11 images, COCO and VOC."""
+    give every rank the one-process results of all 11 images, COCO and VOC, and the same
+    confusion matrix from the gathered rows."""
     # Imported here: both import Lightning, which the workers (importing this file) need not.
     from ssd_lightning.ddp import _free_port
     from test_ddp import _env
@@ -248,6 +257,7 @@ def test_two_ranks_on_uneven_shards_equal_one_process(tmp_path):
             got = rank[scenario]
             assert got["results"] == pytest.approx(single["results"], abs=1e-9), scenario
             np.testing.assert_allclose(got["precision"], single["precision"], atol=1e-12)
+            assert got["confusion"] == single["confusion"], scenario
 
 
 # ---------------------------------------------------------------- benchmark
