@@ -1,15 +1,19 @@
 """Error analysis: the confusion matrix on a hand-made scene (golden counts) and against the
-sequential rule, PR curves as slices of the COCO precision array, the files, the text report."""
+sequential rule, PR curves as slices of the COCO precision array, the files, the text report,
+the validation callback on a tiny run and ssd-eval."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ssd_lightning.error_analysis as ea
+from conftest import tiny_config
 from ssd_lightning.coco_eval import COCOEvaluator
 from ssd_lightning.error_analysis import (
     BELOW_THRESHOLD,
@@ -258,3 +262,50 @@ def test_many_classes_figures(tmp_path):
     names = [f"class{k}" for k in range(1, 81)]
     paths = save(analyse(evaluator.compute(), names), tmp_path)
     assert sum(p.suffix == ".png" for p in paths) == 2
+
+
+# ---------------------------------------------------------------- training and ssd-eval
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
+    from ssd_lightning.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(out, cache_dir, "trainer.max_epochs=1")
+    return out, cfg, train(cfg)
+
+
+def test_validation_writes_analysis_and_tensorboard_figures(one_epoch_run):
+    out, _, _ = one_epoch_run
+    files = {p.name for p in (out / "analysis").iterdir()}
+    assert {"pr_curves.png", "confusion_matrix.png", "confusion_matrix.csv"} <= files
+    tags = []
+    for events in (out / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags += acc.Tags()["images"]
+    assert {"val/pr_curves", "val/confusion_matrix"} <= set(tags)
+
+
+def test_ssd_eval_prints_worst_classes_and_confused_pairs(one_epoch_run, capsys):
+    from ssd_lightning.evaluate import evaluate
+
+    out, cfg, metrics = one_epoch_run
+    eval_dir = out / "eval"
+    cfg = tiny_config(
+        eval_dir,
+        Path(cfg.paths.cache_dir),
+        f"ckpt_path={metrics['last_checkpoint']}",
+        "error_analysis.score_threshold=0.05",
+        name="eval",
+    )
+    evaluate(cfg)
+    printed = capsys.readouterr().out
+    assert "worst classes" in printed and "most confused pairs" in printed
+    assert any(name in printed for name in ("circle", "square", "triangle", "ellipse", "star"))
+    folder = Path(cfg.output_json).parent
+    for name in ("pr_curves.png", "confusion_matrix.png", "pr_curves.csv", "confusion_matrix.csv"):
+        assert (folder / name).is_file(), name
+    counts = np.genfromtxt(folder / "confusion_matrix.csv", delimiter=",", dtype=str)
+    assert counts[2:, 1:].astype(int).sum() > 0

@@ -3,7 +3,10 @@
 Rebuilds the network and default boxes from the checkpoint alone (loaded with
 ``weights_only=True``: the checkpoint holds only tensors and plain values), runs the validation
 split of the configured data through it, prints the metrics table (COCO AP, AP50, AP75,
-APs/m/l, VOC07 mAP, per-class AP) and writes the metrics as JSON.
+APs/m/l, VOC07 mAP, per-class AP) and writes the metrics as JSON. Then, from the same
+evaluation (:mod:`ssd_lightning.error_analysis`), it prints the classes of lowest AP and the
+most confused class pairs, and writes per-class PR curves and the confusion matrix (PNG + CSV)
+next to the JSON (``error_analysis=null`` turns this off).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from ssd_lightning.checkpoint import CheckpointError, build_network, load_checkpoint
 from ssd_lightning.config import CONFIG_DIR, check_required
 from ssd_lightning.ddp import launched_local_ranks
+from ssd_lightning.error_analysis import analyse
+from ssd_lightning.error_report import format_report, save
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.metrics import format_table
 from ssd_lightning.module import SSDModule
@@ -97,7 +102,8 @@ def check_default_boxes(module: SSDModule, stored: torch.Tensor) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Validate a checkpoint on the configured data; print and save the metrics table."""
+    """Validate a checkpoint on the configured data; print and save the metrics table and the
+    error analysis."""
     check_required(cfg)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     module = module_from_checkpoint(checkpoint)
@@ -123,7 +129,34 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_jsonable(results), indent=2))
         print(f"metrics written to {path}", flush=True)
+        if cfg.get("error_analysis") is not None:
+            report_errors(module, path.parent, **cfg.error_analysis)
     return results
+
+
+def report_errors(
+    module: SSDModule,
+    folder: str | Path,
+    score_threshold: float = 0.3,
+    iou_threshold: float = 0.5,
+    top: int = 5,
+) -> list[Path]:
+    """Print the worst classes and most confused pairs of the module's last validation and
+    write its PR curves and confusion matrix (PNG + CSV) into ``folder``; returns the files.
+
+    Args:
+        module: Validated; its ``val_metrics.last_coco_eval`` (gathered on every rank) is used.
+        folder: Where the files go.
+        score_threshold: Lowest score of a detection counted in the confusion matrix.
+        iou_threshold: Lowest IoU of a match in the confusion matrix.
+        top: Classes and pairs printed.
+    """
+    metrics = module.val_metrics
+    analysis = analyse(metrics.last_coco_eval, metrics.class_names, score_threshold, iou_threshold)
+    print(format_report(analysis, top), flush=True)
+    paths = save(analysis, folder)
+    print(f"PR curves and confusion matrix written to {Path(folder)}", flush=True)
+    return paths
 
 
 def _jsonable(value: Any) -> Any:
