@@ -17,6 +17,7 @@ Steps timed (wall and process CPU seconds, medians of ``--repeats`` interleaved 
   image), to show what the vectorised matching saves; its matrix must be identical.
 
     python scripts/bench_error_analysis.py [--images 5120] [--detections 100] [--repeats 3]
+        [--threads 1] [--score-threshold 0.3] [--output DIR]
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--score-threshold", type=float, default=0.3)
+    parser.add_argument("--output", type=Path, help="folder of the files (default: a temp dir)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     bench = _bench_eval()
@@ -124,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     curves = evaluate()
     dets, gts = curves.dets, curves.gts
-    folder = Path(tempfile.mkdtemp(prefix="bench_error_analysis-"))
+    folder = args.output or Path(tempfile.mkdtemp(prefix="bench_error_analysis-"))
     state: dict[str, Any] = {}
 
     def analysis() -> ErrorAnalysis:

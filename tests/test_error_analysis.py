@@ -1,10 +1,11 @@
 """Error analysis: the confusion matrix on a hand-made scene (golden counts) and against the
 sequential rule, PR curves as slices of the COCO precision array, the files, the text report,
-the validation callback on a tiny run and ssd-eval."""
+the validation callback on a tiny run, ssd-eval and the benchmark."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -309,3 +310,19 @@ def test_ssd_eval_prints_worst_classes_and_confused_pairs(one_epoch_run, capsys)
         assert (folder / name).is_file(), name
     counts = np.genfromtxt(folder / "confusion_matrix.csv", delimiter=",", dtype=str)
     assert counts[2:, 1:].astype(int).sum() > 0
+
+
+def test_bench_small_run(coco128_root, tmp_path, capsys):
+    """scripts/bench_error_analysis.py on coco128 (crowd objects included): the vectorised
+    matrix equals the per-image loop's."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_error_analysis", Path(__file__).parents[1] / "scripts/bench_error_analysis.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = str(torch.get_num_threads())  # unchanged for the tests that follow
+    args = ["--root", str(coco128_root), "--images", "128", "--repeats", "1", "--threads", threads]
+    out = bench.main([*args, "--output", str(tmp_path)])
+    assert out["identical"]
+    assert "confusion matrix (vectorised)" in capsys.readouterr().out
+    assert {p.name for p in tmp_path.iterdir()} >= {"confusion_matrix.png", "pr_curves.csv"}
