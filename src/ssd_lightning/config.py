@@ -3,8 +3,11 @@
 Resolvers (registered on import, usable in any conf/ file):
 
 - ``${count_classes:${data.class_names}}`` -> number of classes including background.
-- ``${run_id:}`` -> a name for the run folder shared by every process of a multi-process job:
-  the SLURM job id, else the torchrun run id, else a timestamp.
+- ``${run_id:}`` / ``${run_id:<name>}`` -> the name of the run (or sweep) folder, shared by every
+  process of a multi-process job and kept when SLURM requeues the job: ``<name>`` when given
+  (the ``run_id=`` setting), else ``slurm-<array job id>_<task id>`` for a task of a SLURM job
+  array, ``slurm-<job id>`` for another SLURM job, the torchrun run id (``--rdzv-id``), else a
+  timestamp.
 """
 
 from __future__ import annotations
@@ -42,13 +45,39 @@ def _count_classes(class_names: Any) -> int:
     return len(names) if names[:1] == ["background"] else len(names) + 1
 
 
-def _run_id() -> str:
-    """Run folder name: identical in every process of a SLURM or torchrun job."""
-    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
-        value = os.environ.get(var, "")
-        if value and value != "none":
-            return f"{var.split('_')[0].lower()}-{value}"
-    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+def _run_id(name: str | None = None) -> str:
+    """Run folder name: identical in every process of a SLURM or torchrun job, and in a SLURM
+    job requeued after preemption or a time limit (it keeps its job id)."""
+    if name is not None:
+        return check_run_id(str(name))
+    scheduled = scheduler_run_id()
+    return scheduled if scheduled is not None else datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def scheduler_run_id() -> str | None:
+    """The run's name given by the scheduler (SLURM job or array task, torchrun ``--rdzv-id``),
+    or None when there is none (the same command run again then gets a new folder)."""
+    slurm = slurm_job_id()
+    if slurm is not None:
+        return f"slurm-{slurm}"
+    value = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return f"torchelastic-{value}" if value and value != "none" else None
+
+
+def slurm_job_id() -> str | None:
+    """This SLURM job as squeue and scontrol name it: ``<array job id>_<task id>`` for a task
+    of a job array, else ``<job id>``; None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def check_run_id(name: str) -> str:
+    """``name`` if it can name a folder (no path separator, not ``.`` or ``..``)."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ValueError(f"run_id={name!r}: a run id names one folder; no '/' or '..'")
+    return name
 
 
 def register_resolvers() -> None:
