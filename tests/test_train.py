@@ -58,7 +58,7 @@ def test_run_writes_metrics_checkpoints_and_tensorboard(two_epoch_run) -> None:
     expected = {"train/loss", "train/loss_box", "train/loss_cls", "train/images_per_sec",
                 "lr/decay", "val/mAP", "val/mAP_50", "val/AP/circle", "hp/mAP"}  # fmt: skip
     assert expected <= set(tags["scalars"])
-    assert tags["images"] == ["val/predictions"]
+    assert "val/predictions" in tags["images"]
 
 
 def test_checkpoint_is_plain_and_carries_anchors_and_classes(two_epoch_run) -> None:
