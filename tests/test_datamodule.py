@@ -118,7 +118,7 @@ def test_batches_carry_dense_targets_and_original_ground_truth(num_workers):
     train = next(iter(dm.train_dataloader()))
     assert train["images"].shape == (4, 3, SIZE, SIZE) and train["images"].dtype == torch.float32
     assert train["loc_targets"].shape == (4, num_default, 4)
-    assert train["labels"].shape == (4, num_default) and train["labels"].dtype == torch.int64
+    assert train["labels"].shape == (4, num_default) and train["labels"].dtype == torch.int16
     assert train["image_ids"].dtype == torch.int64 and train["orig_sizes"].shape == (4, 2)
 
     val = next(iter(dm.val_dataloader()))
@@ -138,7 +138,7 @@ def test_batches_carry_dense_targets_and_original_ground_truth(num_workers):
         loc, labels = coder.encode(scaled, torch.from_numpy(sample["labels"][objects]))
         torch.testing.assert_close(val["loc_targets"][i], loc, atol=1e-4, rtol=1e-4)
         positives = labels > 0
-        torch.testing.assert_close(val["labels"][i][positives], labels[positives])
+        torch.testing.assert_close(val["labels"][i][positives].long(), labels[positives])
         assert (val["labels"][i] == -1).any() == bool(sample["iscrowd"].any())
 
 

@@ -1,8 +1,19 @@
+import pytest
 import torch
 from torchvision.ops import box_iou
 
 from ssd_lightning.anchors import DefaultBoxes
-from ssd_lightning.encoder import SSDBoxCoder, batched_box_iou, bipartite_match
+from ssd_lightning.encoder import (
+    SSDBoxCoder,
+    batched_box_iou,
+    bipartite_match,
+    bipartite_match_dense,
+)
+
+# The sparse rounds (CPU) and the fixed-shape rounds (GPU) must give the same matches.
+MATCHERS = pytest.mark.parametrize(
+    "match", [bipartite_match, bipartite_match_dense], ids=["sparse", "dense"]
+)
 
 SSD300 = DefaultBoxes(300, [38, 19, 10, 5, 3, 1], sizes=[21, 45, 99, 153, 207, 261, 315])
 
@@ -35,7 +46,8 @@ def test_batched_iou_equals_torchvision():
         torch.testing.assert_close(ours[image], box_iou(boxes[image], SSD300.xyxy))
 
 
-def test_bipartite_where_greedy_force_matching_differs():
+@MATCHERS
+def test_bipartite_where_greedy_force_matching_differs(match):
     # GT 0 and GT 1 both like box 0 best. Greedy force-matching (each GT takes its argmax, later
     # GT overwrites) leaves GT 0 without a guaranteed box; the bipartite rule gives GT 1 box 1.
     iou = torch.tensor(
@@ -45,13 +57,14 @@ def test_bipartite_where_greedy_force_matching_differs():
             [0.0, 0.0, 0.0, 0.3],
         ]
     )
-    assert bipartite_match(iou[None])[0].tolist() == [0, 1, -1, 2]
+    assert match(iou[None])[0].tolist() == [0, 1, -1, 2]
     greedy = torch.full((4,), -1)
     greedy[iou.argmax(1)] = torch.arange(3)
     assert greedy.tolist() == [1, -1, -1, 2]  # what the common shortcut does
 
 
-def test_bipartite_chain_of_conflicts_and_zero_iou():
+@MATCHERS
+def test_bipartite_chain_of_conflicts_and_zero_iou(match):
     # GT 2's best box goes to GT 0, then its second best to GT 1: three rounds. GT 3 overlaps
     # nothing and must not be matched (IoU 0 never makes a match).
     iou = torch.tensor(
@@ -62,15 +75,16 @@ def test_bipartite_chain_of_conflicts_and_zero_iou():
             [0.0, 0.0, 0.0, 0.0],
         ]
     )
-    assert bipartite_match(iou[None])[0].tolist() == [0, 1, 2, -1]
+    assert match(iou[None])[0].tolist() == [0, 1, 2, -1]
 
 
-def test_bipartite_equals_sequential_rule_on_random_overlapping_boxes():
+@MATCHERS
+def test_bipartite_equals_sequential_rule_on_random_overlapping_boxes(match):
     gen = torch.Generator().manual_seed(1)
     boxes = torch.stack([random_boxes(gen, 20, 0.2, 0.6) for _ in range(8)])  # many conflicts
     iou = batched_box_iou(boxes, SSD300.xyxy.t().contiguous())
     iou[3, 15:] = -1.0  # padding rows
-    ours = bipartite_match(iou)
+    ours = match(iou)
     for image in range(8):
         assert torch.equal(ours[image], sequential_bipartite(iou[image]))
 
@@ -137,7 +151,8 @@ def test_batched_form_equals_per_image():
         assert torch.equal(target[i], image_target)
 
 
-def test_ties_resolve_to_the_lower_index_like_the_sequential_rule():
+@MATCHERS
+def test_ties_resolve_to_the_lower_index_like_the_sequential_rule(match):
     iou = torch.tensor([[[0.5, 0.7, 0.7], [0.7, 0.2, 0.0]]])
-    assert bipartite_match(iou)[0].tolist() == [1, 0, -1]
-    assert torch.equal(bipartite_match(iou)[0], sequential_bipartite(iou[0]))
+    assert match(iou)[0].tolist() == [1, 0, -1]
+    assert torch.equal(match(iou)[0], sequential_bipartite(iou[0]))

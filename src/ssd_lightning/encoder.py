@@ -9,6 +9,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+# Background boxes at least this much inside a crowd region are ignored (Detectron's
+# CROWD_FILTER_THRESH).
+CROWD_IOA_THRESHOLD = 0.7
 # Largest log-size delta decoded: boxes at most 1000/16 times their default box (as torchvision),
 # so early, untrained regressions cannot overflow exp() to inf.
 MAX_LOG_SCALE = math.log(1000.0 / 16)
@@ -78,6 +81,37 @@ def bipartite_match(iou: Tensor, col_max: Tensor | None = None) -> Tensor:
         col_max.scatter_reduce_(0, image_of[:, None].expand_as(rows), rows, reduce="amax")
 
 
+def bipartite_match_dense(iou: Tensor, check_every: int = 4) -> Tensor:
+    """``bipartite_match`` with fixed shapes, for GPUs: the same rounds on the whole (B, G, A)
+    tensor, settled rows and taken columns masked instead of removed.
+
+    Every round settles at least one GT box per image (its best remaining pair is the maximum
+    of its row and column), so G rounds always suffice; whether any row is left is read back
+    from the device only every ``check_every`` rounds (one host sync in most batches).
+
+    Shape:
+        iou: (B, G, A), padding rows negative; returns (B, A) int64 as ``bipartite_match``.
+    """
+    batch, num_gt, num_default = iou.shape
+    work = iou.clone()
+    gt_index = torch.arange(num_gt, device=iou.device).expand(batch, num_gt)
+    forced = torch.full((batch, num_default), -1, dtype=torch.long, device=iou.device)
+    for round_ in range(num_gt):
+        row_max, row_arg = work.max(dim=2)  # (B, G): each GT's best free default box
+        col_max = work.amax(dim=1)  # (B, A)
+        accept = (row_max > 0) & (row_max >= col_max.gather(1, row_arg))
+        # Ties on one default box: the lower GT index wins, the other stays for a later round.
+        owner = torch.full_like(forced, num_gt)
+        owner.scatter_reduce_(1, row_arg, torch.where(accept, gt_index, num_gt), reduce="amin")
+        won = accept & (owner.gather(1, row_arg) == gt_index)
+        taken = owner < num_gt
+        forced = torch.where(taken, owner, forced)
+        work.masked_fill_(won[:, :, None] | taken[:, None, :], -1.0)
+        if (round_ + 1) % check_every == 0 and not bool((work.amax(dim=2) > 0).any()):
+            break
+    return forced
+
+
 def _row_max(rows: Tensor) -> tuple[Tensor, Tensor]:
     """``rows.max(dim=1)`` (first index on ties); amax plus a sparse search is ~4x faster on CPU."""
     row_max = rows.amax(dim=1)
@@ -137,46 +171,85 @@ class SSDBoxCoder(nn.Module):
         settings = f"iou_threshold={self.iou_threshold}, variances={self.variances}"
         return f"{len(self)} default boxes, {settings}"
 
-    def match(self, gt_boxes: Tensor, valid: Tensor) -> Tensor:
+    def match(self, gt_boxes: Tensor, valid: Tensor, dense: bool | None = None) -> Tensor:
         """Index of the GT box matched to every default box, -1 for background.
 
         SSD paper, Sec. 2.2 "Matching strategy": the bipartite step first, then every other
         default box with IoU >= threshold goes to its best GT box.
 
+        Args:
+            gt_boxes, valid: the padded GT of the batch.
+            dense: fixed-shape computation (``bipartite_match_dense``, dense argmax), which
+                GPUs prefer; the default picks it on CUDA. The sparse one (rows removed as
+                they settle, argmax only where a box is positive) is faster on CPU. Both give
+                the same matches.
+
         Shape:
             gt_boxes: (B, G, 4) normalised xyxy; valid: (B, G) bool; returns (B, A) int64.
         """
+        dense = gt_boxes.is_cuda if dense is None else dense
         iou = batched_box_iou(gt_boxes, self.default_planes, self.default_area)
-        if not bool(valid.all()):
-            iou.masked_fill_(~valid[:, :, None], -1.0)
-        best_iou = iou.amax(dim=1)  # (B, A); amax and a sparse argmax beat max(dim=1) on CPU
-        matched = torch.full_like(best_iou, -1, dtype=torch.long)
-        image, box = ((best_iou >= self.iou_threshold) & (best_iou > 0)).nonzero(as_tuple=True)
-        matched[image, box] = iou[image, :, box].argmax(dim=1)
-        forced = bipartite_match(iou, best_iou)
+        iou.masked_fill_(~valid[:, :, None], -1.0)
+        best_iou = iou.amax(dim=1)  # (B, A)
+        positive = (best_iou >= self.iou_threshold) & (best_iou > 0)
+        if dense:
+            matched = torch.where(positive, iou.argmax(dim=1), -1)
+            forced = bipartite_match_dense(iou)
+        else:  # amax and a sparse argmax beat max(dim=1) on CPU
+            matched = torch.full_like(best_iou, -1, dtype=torch.long)
+            image, box = positive.nonzero(as_tuple=True)
+            matched[image, box] = iou[image, :, box].argmax(dim=1)
+            forced = bipartite_match(iou, best_iou)
         return torch.where(forced >= 0, forced, matched)
 
-    def encode_batch(self, boxes: Tensor, labels: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Dense targets for a batch of padded ground truth.
+    def encode_batch(
+        self,
+        boxes: Tensor,
+        labels: Tensor,
+        valid: Tensor,
+        crowd: Tensor | None = None,
+        dense: bool | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Dense targets for a batch of padded ground truth, with fixed shapes.
+
+        Crowd regions (COCO ``iscrowd``) take no part in matching; background boxes lying
+        mostly inside one (intersection over the default box's in-image area >=
+        ``CROWD_IOA_THRESHOLD``, Detectron's CROWD_FILTER_THRESH) get label -1 (ignore).
 
         Shape:
-            boxes: (B, G, 4) normalised xyxy; labels: (B, G) int64 in 1..C-1; valid: (B, G) bool.
-            Returns loc_targets (B, A, 4) float32 (zero on background) and labels (B, A) int64.
+            boxes: (B, G, 4) normalised xyxy; labels: (B, G) in 1..C-1; valid, crowd: (B, G)
+            bool. Returns loc_targets (B, A, 4) float32 (zero on background) and labels
+            (B, A) int64.
         """
         batch, num_default = boxes.shape[0], len(self)
+        labels = labels.long()
+        objects = valid if crowd is None else valid & ~crowd
         if boxes.shape[1] == 0:
             return boxes.new_zeros(batch, num_default, 4), labels.new_zeros(batch, num_default)
-        matched = self.match(boxes, valid)
-        # Only the positives need targets: gather their GT boxes, leave the rest at zero.
-        image, box = (matched >= 0).nonzero(as_tuple=True)
-        gt_index = matched[image, box]
-        target_labels = torch.zeros_like(matched)
-        target_labels[image, box] = labels[image, gt_index]
-        gt = box_convert(boxes[image, gt_index], "xyxy", "cxcywh")  # (P, 4)
-        gt = torch.cat([gt[:, :2], gt[:, 2:].clamp(min=1e-8).log()], dim=-1)
-        loc = boxes.new_zeros(batch, num_default, 4)
-        loc[image, box] = (gt - self.offset[box]) * self.scale[box]
+        matched = self.match(boxes, objects, dense)
+        index = matched.clamp(min=0)  # background reads GT 0, masked below
+        target_labels = torch.where(matched >= 0, labels.gather(1, index), 0)
+        gt = box_convert(boxes.gather(1, index[..., None].expand(-1, -1, 4)), "xyxy", "cxcywh")
+        gt = torch.cat([gt[..., :2], gt[..., 2:].clamp(min=1e-8).log()], dim=-1)
+        loc = ((gt - self.offset) * self.scale).masked_fill_((matched < 0)[..., None], 0.0)
+        if crowd is not None:
+            regions = crowd & valid
+            inside = self._crowd_ioa(boxes, regions) >= CROWD_IOA_THRESHOLD
+            target_labels = torch.where((target_labels == 0) & inside, -1, target_labels)
         return loc, target_labels
+
+    def _crowd_ioa(self, boxes: Tensor, regions: Tensor) -> Tensor:
+        """Largest fraction of each default box's in-image area covered by one crowd region.
+
+        Shape:
+            boxes: (B, G, 4) normalised xyxy; regions: (B, G) bool; returns (B, A).
+        """
+        d = self.default_xyxy.clamp(0.0, 1.0)  # the part outside the image holds no pixels
+        lt = torch.maximum(boxes[:, :, None, :2], d[:, :2])  # (B, G, A, 2)
+        rb = torch.minimum(boxes[:, :, None, 2:], d[:, 2:])
+        inter = (rb - lt).clamp(min=0).prod(dim=-1)  # (B, G, A)
+        area = ((d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1])).clamp(min=1e-12)
+        return (inter / area).masked_fill_(~regions[:, :, None], 0.0).amax(dim=1)
 
     def encode(self, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
         """Targets for one image.

@@ -1,16 +1,25 @@
-"""SSD DataModule: augmentation and GT-to-default-box assignment in the DataLoader workers.
+"""SSD DataModule: augmentation in the DataLoader workers, GT assignment there or on the device.
 
-Each sample is decoded, augmented (``data.transforms``) and encoded against the model's default
-boxes (``SSDBoxCoder``, SSD paper Sec. 2.2 "Matching strategy") inside the workers, so a batch
-carries dense targets and the training step only runs the network and the loss.
+Each sample is decoded and augmented (``data.transforms``) in the workers. The GT-to-default-box
+assignment (``SSDBoxCoder``, SSD paper Sec. 2.2 "Matching strategy") runs where ``assign_on``
+says:
+
+- ``"worker"`` (the CPU default): per image in the workers, images normalised there; a batch
+  carries dense targets.
+- ``"device"`` (the GPU default): workers send uint8 images and the padded GT boxes;
+  ``SSDModule.on_after_batch_transfer`` normalises the images and assigns the whole batch on
+  the device (``SSDBoxCoder.encode_batch``, the same matches). Batches are ~4x smaller and
+  the workers do no matching.
 
 Batch (dict):
-    - ``images``: (B, 3, H, W) float32, normalised.
-    - ``loc_targets``: (B, A, 4) float32 encoded offsets (zero on background).
-    - ``labels``: (B, A) int64 default-box classes, 0 background, -1 ignore (crowd regions).
-    - ``gt_boxes``: list of (n_i, 4) float32 xyxy pixels in the ORIGINAL image (before any
-      transform), ``gt_labels``: list of (n_i,) int64, ``gt_difficult``: list of (n_i,) bool
-      (difficult or crowd: ignored by evaluation).
+    - ``images``: (B, 3, H, W) float32 normalised (worker) or uint8 (device).
+    - ``loc_targets``: (B, A, 4) float32 encoded offsets (zero on background), and ``labels``:
+      (B, A) int16 default-box classes, 0 background, -1 ignore (crowd regions) (worker); or
+      ``boxes`` (B, G, 4) float32 normalised xyxy, ``box_labels`` (B, G) int64, ``box_crowd``
+      and ``box_valid`` (B, G) bool, G the most boxes of an image of the batch (device).
+    - Validation and test only: ``gt_boxes``: list of (n_i, 4) float32 xyxy pixels in the
+      ORIGINAL image (before any transform), ``gt_labels``: list of (n_i,) int64,
+      ``gt_difficult``: list of (n_i,) bool (difficult or crowd: ignored by evaluation).
     - ``image_ids``: (B,) int64; ``orig_sizes``: (B, 2) int64 (height, width).
 
 DDP: Lightning injects a DistributedSampler for training. For validation and test it would
@@ -19,17 +28,22 @@ them in mAP. When the trainer runs several processes (``trainer.world_size > 1``
 loaders therefore carry Lightning's ``UnrepeatedDistributedSampler`` (indices
 ``rank::world_size``, no padding); being a DistributedSampler subclass, Lightning leaves it in
 place under the default ``use_distributed_sampler=True``. Ranks may then run one batch fewer
-than others: evaluation must sync once per epoch (torchmetrics, ``self.log(..., on_epoch=True,
-sync_dist=True)``), never per step.
+than others: evaluation must sync once per epoch, never per step.
+
+Workers: ``num_workers="auto"`` gives each device's loader the CPUs of the job (its CPU
+affinity, e.g. SLURM's cpus-per-task) divided by the local devices, less one for the main
+process; every worker runs OpenCV single-threaded.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
@@ -37,7 +51,6 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
-from torchvision.ops import box_convert
 
 from ssd_lightning.data.transforms import (
     DetectionTransform,
@@ -53,26 +66,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SSDTargetAssigner:
-    """Dense SSD targets for one transformed sample.
+    """Dense SSD targets for one transformed sample (``SSDBoxCoder.encode_batch`` of one image).
 
-    Crowd boxes (COCO ``iscrowd``) take no part in matching. Default boxes left as background
-    that lie mostly inside a crowd region (intersection over the default box's in-image area >=
-    ``crowd_ioa_threshold``, Detectron's CROWD_FILTER_THRESH 0.7) get label -1 (ignore), so
-    they are neither positives nor mined negatives.
+    Crowd boxes (COCO ``iscrowd``) take no part in matching; background boxes mostly inside a
+    crowd region are labelled -1 (ignore), see ``SSDBoxCoder.encode_batch``.
 
     Args:
-        box_coder: the encoder built from the model's default boxes.
-        crowd_ioa_threshold: ignore threshold for background boxes inside crowd regions.
+        box_coder: the encoder built from the model's default boxes (a CPU copy).
     """
 
-    def __init__(self, box_coder: SSDBoxCoder, crowd_ioa_threshold: float = 0.7) -> None:
+    def __init__(self, box_coder: SSDBoxCoder) -> None:
         self.box_coder = box_coder
-        self.crowd_ioa_threshold = float(crowd_ioa_threshold)
-        # (A, 4) normalised corners of the coder's default boxes, cut to the image: the part of
-        # a border box outside the image holds no pixels a crowd region could cover.
-        self.default_xyxy = box_convert(box_coder.default_boxes, "cxcywh", "xyxy").clamp(0, 1)
-        d = self.default_xyxy
-        self.default_area = (d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1])  # (A,)
 
     def __call__(
         self,
@@ -93,54 +97,58 @@ class SSDTargetAssigner:
             boxes: (n, 4); labels: (n,); iscrowd: (n,) bool.
             Returns loc_targets (A, 4) float32 and labels (A,) int64.
         """
-        h, w = image_size
-        normalised = torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4) / (w, h, w, h))
-        normalised = normalised.float()
-        crowd = torch.from_numpy(np.asarray(iscrowd, dtype=bool).reshape(-1))
-        objects = ~crowd
-        loc, target = self.box_coder.encode(
-            normalised[objects], torch.from_numpy(np.asarray(labels, np.int64))[objects]
+        normalised, labels_t, crowd = gt_tensors(boxes, labels, iscrowd, image_size)
+        valid = torch.ones(1, len(labels_t), dtype=torch.bool)
+        loc, target = self.box_coder.encode_batch(
+            normalised[None], labels_t[None], valid, crowd[None] if crowd.any() else None
         )
-        if bool(crowd.any()):
-            target[(target == 0) & (self._ioa(normalised[crowd]) >= self.crowd_ioa_threshold)] = -1
-        return loc, target
+        return loc[0], target[0]
 
-    def _ioa(self, regions: Tensor) -> Tensor:
-        """Largest fraction of each default box's area covered by one of ``regions``.
 
-        Shape:
-            regions: (K, 4) normalised xyxy; returns (A,).
-        """
-        d = self.default_xyxy
-        lt = torch.maximum(d[:, None, :2], regions[None, :, :2])  # (A, K, 2)
-        rb = torch.minimum(d[:, None, 2:], regions[None, :, 2:])
-        inter = (rb - lt).clamp(min=0).prod(dim=-1)  # (A, K)
-        return (inter / self.default_area[:, None].clamp(min=1e-12)).amax(dim=1)
+def gt_tensors(
+    boxes: np.ndarray, labels: np.ndarray, iscrowd: np.ndarray, image_size: tuple[int, int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Boxes normalised by the image size, labels and crowd flags of one image, as tensors.
+
+    Shape:
+        -> (n, 4) float32 xyxy in [0, 1], (n,) int64, (n,) bool
+    """
+    h, w = image_size
+    normalised = np.asarray(boxes, np.float32).reshape(-1, 4) / np.float32((w, h, w, h))
+    return (
+        torch.from_numpy(np.ascontiguousarray(normalised, dtype=np.float32)),
+        torch.from_numpy(np.asarray(labels, np.int64).reshape(-1)),
+        torch.from_numpy(np.asarray(iscrowd, dtype=bool).reshape(-1)),
+    )
 
 
 class SSDTargetDataset(Dataset):
-    """Wraps a sample-contract dataset: transform, then dense targets, plus the original GT.
+    """Wraps a sample-contract dataset: transform, then targets or GT boxes, plus the original GT.
 
     Args:
         dataset: returns sample-contract dicts (see ``ssd_lightning.data.dataset``).
         transform: augmentation or eval transform.
-        assigner: GT-to-default-box assignment.
+        assigner: GT-to-default-box assignment in the worker, or None to send the GT boxes
+            for assignment on the device.
         drop_bad: a sample that cannot be read becomes None (dropped by ``ssd_collate``)
             instead of being replaced by another one (evaluation: no image scored twice).
             Needs a dataset with ``get(index, substitute)`` (``DetectionDataset``).
+        keep_gt: add the original-pixel GT for evaluation (validation and test).
     """
 
     def __init__(
         self,
         dataset: Dataset,
         transform: DetectionTransform,
-        assigner: SSDTargetAssigner,
+        assigner: SSDTargetAssigner | None,
         drop_bad: bool = False,
+        keep_gt: bool = True,
     ) -> None:
         self.dataset = dataset
         self.transform = transform
         self.assigner = assigner
         self.drop_bad = drop_bad and hasattr(dataset, "get")
+        self.keep_gt = keep_gt
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -149,29 +157,36 @@ class SSDTargetDataset(Dataset):
         sample = self.dataset.get(index, substitute=False) if self.drop_bad else self.dataset[index]
         if sample is None:
             return None
-        n = len(sample["boxes"])
-        # Original GT for evaluation, copied before the transform sees the arrays.
-        gt_boxes = np.array(sample["boxes"], dtype=np.float32).reshape(n, 4)
-        gt_labels = np.array(sample["labels"], dtype=np.int64).reshape(n)
-        ignored = np.zeros(n, bool)
-        for flag in ("difficult", "iscrowd"):
-            if flag in sample:
-                ignored |= np.asarray(sample[flag], dtype=bool).reshape(n)
-        out = self.transform(sample)
-        image = out["image"]
-        loc, labels = self.assigner(
-            out["boxes"], out["labels"], out["iscrowd"], (image.shape[-2], image.shape[-1])
-        )
-        return {
-            "image": image,
-            "loc_targets": loc,
-            "labels": labels,
-            "gt_boxes": torch.from_numpy(gt_boxes),
-            "gt_labels": torch.from_numpy(gt_labels),
-            "gt_difficult": torch.from_numpy(ignored),
+        item: dict[str, Any] = {
             "image_id": int(sample["image_id"]),
             "orig_size": tuple(int(v) for v in sample["orig_size"]),
         }
+        if self.keep_gt:  # original GT for evaluation, copied before the transform runs
+            item.update(_original_gt(sample))
+        out = self.transform(sample)
+        image = out["image"]
+        size = (image.shape[-2], image.shape[-1])
+        item["image"] = image
+        if self.assigner is not None:
+            loc, labels = self.assigner(out["boxes"], out["labels"], out["iscrowd"], size)
+            item.update(loc_targets=loc, labels=labels.to(torch.int16))  # lean: -1..C-1
+        else:
+            boxes, labels, crowd = gt_tensors(out["boxes"], out["labels"], out["iscrowd"], size)
+            item.update(boxes=boxes, box_labels=labels, box_crowd=crowd)
+        return item
+
+
+def _original_gt(sample: Mapping[str, Any]) -> dict[str, Tensor]:
+    n = len(sample["boxes"])
+    ignored = np.zeros(n, bool)
+    for flag in ("difficult", "iscrowd"):
+        if flag in sample:
+            ignored |= np.asarray(sample[flag], dtype=bool).reshape(n)
+    return {
+        "gt_boxes": torch.from_numpy(np.array(sample["boxes"], dtype=np.float32).reshape(n, 4)),
+        "gt_labels": torch.from_numpy(np.array(sample["labels"], dtype=np.int64).reshape(n)),
+        "gt_difficult": torch.from_numpy(ignored),
+    }
 
 
 def ssd_collate(samples: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
@@ -182,16 +197,30 @@ def ssd_collate(samples: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] |
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
-    return {
+    first = samples[0]
+    batch: dict[str, Any] = {
         "images": torch.stack([s["image"] for s in samples]),
-        "loc_targets": torch.stack([s["loc_targets"] for s in samples]),
-        "labels": torch.stack([s["labels"] for s in samples]),
-        "gt_boxes": [s["gt_boxes"] for s in samples],
-        "gt_labels": [s["gt_labels"] for s in samples],
-        "gt_difficult": [s["gt_difficult"] for s in samples],
         "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
         "orig_sizes": torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
     }
+    if "loc_targets" in first:
+        batch["loc_targets"] = torch.stack([s["loc_targets"] for s in samples])
+        batch["labels"] = torch.stack([s["labels"] for s in samples])
+    if "boxes" in first:  # padded to the most boxes of an image of the batch
+        counts = [len(s["box_labels"]) for s in samples]
+        slots = max(counts)
+        batch["boxes"] = torch.zeros(len(samples), slots, 4)
+        batch["box_labels"] = torch.zeros(len(samples), slots, dtype=torch.int64)
+        batch["box_crowd"] = torch.zeros(len(samples), slots, dtype=torch.bool)
+        for i, (s, n) in enumerate(zip(samples, counts, strict=True)):
+            batch["boxes"][i, :n] = s["boxes"]
+            batch["box_labels"][i, :n] = s["box_labels"]
+            batch["box_crowd"][i, :n] = s["box_crowd"]
+        batch["box_valid"] = torch.arange(slots)[None] < torch.tensor(counts)[:, None]
+    for key in ("gt_boxes", "gt_labels", "gt_difficult"):
+        if key in first:
+            batch[key] = [s[key] for s in samples]
+    return batch
 
 
 def seed_worker(worker_id: int, rank: int = 0) -> None:
@@ -226,11 +255,13 @@ class SSDDataModule(LightningDataModule):
         mean: RGB normalisation mean in 0-1 units (the backbone's).
         std: RGB normalisation std in 0-1 units.
         batch_size: images per batch (per process under DDP).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes per device, or ``"auto"`` (the job's CPUs
+            divided by the local devices, less one).
         persistent_workers: keep workers alive between epochs (when num_workers > 0).
         pin_memory: page-locked batches for faster host-to-GPU copies.
         augment: keyword arguments of ``build_train_transform``.
         seed: augmentation seed when loading in the main process (num_workers=0).
+        assign_on: ``"worker"`` or ``"device"`` (see the module docstring).
     """
 
     def __init__(
@@ -242,13 +273,18 @@ class SSDDataModule(LightningDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: int | Literal["auto"] = 2,
         persistent_workers: bool = True,
         pin_memory: bool = False,
         augment: Mapping[str, Any] | None = None,
         seed: int = 0,
+        assign_on: Literal["worker", "device"] = "worker",
     ) -> None:
         super().__init__()
+        if assign_on not in ("worker", "device"):
+            raise ValueError(f"assign_on must be 'worker' or 'device', got {assign_on!r}")
+        if num_workers != "auto" and int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0 or 'auto', got {num_workers!r}")
         if train_dataset is None and val_dataset is None and test_dataset is None:
             raise ValueError("SSDDataModule needs at least one dataset")
         self.train_dataset = train_dataset
@@ -258,7 +294,8 @@ class SSDDataModule(LightningDataModule):
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = num_workers if num_workers == "auto" else int(num_workers)
+        self.assign_on = assign_on
         self.persistent_workers = bool(persistent_workers)
         self.pin_memory = bool(pin_memory)
         self.augment = dict(augment or {})
@@ -297,11 +334,13 @@ class SSDDataModule(LightningDataModule):
                 "SSDDataModule.set_box_coder(coder) must be called before setup: the targets "
                 "are encoded against the model's default boxes"
             )
-        assigner = SSDTargetAssigner(self.box_coder)
+        in_workers = self.assign_on == "worker"
+        assigner = SSDTargetAssigner(self.box_coder) if in_workers else None
         train_tf = build_train_transform(
-            self.image_size, self.mean, self.std, **{"seed": self.seed, **self.augment}
-        )
-        eval_tf = build_eval_transform(self.image_size, self.mean, self.std)
+            self.image_size, self.mean, self.std,
+            **{"seed": self.seed, **self.augment, "normalize": in_workers},
+        )  # fmt: skip
+        eval_tf = build_eval_transform(self.image_size, self.mean, self.std, in_workers)
         for split, dataset, transform in (
             ("train", self.train_dataset, train_tf),
             ("val", self.val_dataset, eval_tf),
@@ -309,8 +348,9 @@ class SSDDataModule(LightningDataModule):
         ):
             if dataset is None or split in self._wrapped:
                 continue
+            evaluation = split != "train"
             self._wrapped[split] = SSDTargetDataset(
-                dataset, transform, assigner, drop_bad=split != "train"
+                dataset, transform, assigner, drop_bad=evaluation, keep_gt=evaluation
             )
             if self.trainer is None or self.trainer.is_global_zero:
                 summary = dataset.summary() if hasattr(dataset, "summary") else ""
@@ -327,13 +367,19 @@ class SSDDataModule(LightningDataModule):
         self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None, train: bool = False
     ) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
+        workers = self.workers_per_loader()
+        if workers > 0:
+            # One OpenCV thread per worker (many workers each starting a pool oversubscribe
+            # the CPUs). Set here, before the workers fork, and inherited: setting it inside a
+            # forked worker can deadlock on the parent's thread pool.
+            cv2.setNumThreads(1)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=self.persistent_workers and workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=ssd_collate,
             worker_init_fn=functools.partial(seed_worker, rank=rank),
@@ -341,6 +387,14 @@ class SSDDataModule(LightningDataModule):
             # network for its shape, and weigh its few images like a full batch).
             drop_last=train,
         )
+
+    def workers_per_loader(self) -> int:
+        """``num_workers``, or for ``"auto"`` the job's CPUs per local device less one."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        return max(1, (cpus or 1) // max(1, devices) - 1)
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self._wrapped_split(split)

@@ -37,6 +37,7 @@ __all__ = [
     "SSDPhotometricDistort",
     "SSDRandomIoUCrop",
     "SSDZoomOut",
+    "ToTensorUint8",
     "build_eval_transform",
     "build_train_transform",
 ]
@@ -408,6 +409,22 @@ class NormalizeToTensor(A.ImageOnlyTransform):
         return ("mean", "std")
 
 
+class ToTensorUint8(A.ImageOnlyTransform):
+    """A uint8 (H, W, C) image as a contiguous uint8 (C, H, W) tensor, normalised later on the
+    device (``data.assign_on=device``): a quarter of the bytes of a float32 image."""
+
+    def __init__(self, p: float = 1.0) -> None:
+        super().__init__(p=p)
+
+    def apply(self, img: np.ndarray, **params: Any) -> torch.Tensor:
+        if img.dtype != np.uint8:
+            raise TypeError(f"ToTensorUint8 expects uint8, got {img.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
 class DetectionTransform:
     """Runs an albumentations pipeline over a dataset sample.
 
@@ -494,6 +511,7 @@ def build_train_transform(
     channel_swap_p: float = 0.5,
     min_box_size: float = 1.0,
     seed: int = 0,
+    normalize: bool = True,
 ) -> DetectionTransform:
     """The SSD training augmentation (SSD paper, Sec. 2.2 and 3.6).
 
@@ -515,6 +533,8 @@ def build_train_transform(
         channel_swap_p: probability of a random channel permutation.
         min_box_size: boxes smaller than this many pixels on a side are dropped.
         seed: seed of the augmentation generators.
+        normalize: end with a normalised float32 tensor; False: a uint8 tensor, normalised
+            on the device (``data.assign_on=device``).
     """
     steps: list[A.BasicTransform] = []
     if photometric:
@@ -530,18 +550,23 @@ def build_train_transform(
     if flip_p > 0:
         # Flipping commutes with the resize; after it, it moves 300x300 pixels, not the patch.
         steps.append(A.HorizontalFlip(p=flip_p))
-    steps.append(NormalizeToTensor(mean, std))
+    steps.append(NormalizeToTensor(mean, std) if normalize else ToTensorUint8())
     return DetectionTransform(steps, min_box_size=min_box_size, seed=seed)
 
 
 def build_eval_transform(
-    image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]
+    image_size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    normalize: bool = True,
 ) -> DetectionTransform:
-    """Resize (bilinear) + normalise; ``orig_size`` travels along to rescale predictions.
+    """Resize (bilinear) + normalise (or a uint8 tensor, ``normalize=False``); ``orig_size``
+    travels along to rescale predictions.
 
     Boxes are only rescaled (min_box_size 0: nothing but zero-size boxes is dropped); the
     original boxes for evaluation are kept by the caller, not taken from here.
     """
     h, w = _size_hw(image_size)
-    steps = [A.Resize(h, w, interpolation=cv2.INTER_LINEAR), NormalizeToTensor(mean, std)]
+    last = NormalizeToTensor(mean, std) if normalize else ToTensorUint8()
+    steps = [A.Resize(h, w, interpolation=cv2.INTER_LINEAR), last]
     return DetectionTransform(steps, min_box_size=0.0)
