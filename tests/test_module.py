@@ -174,9 +174,12 @@ class NaNAfter(nn.Module):
         return loc, logits
 
 
-def test_non_finite_steps_are_skipped_and_counted() -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_non_finite_steps_are_skipped_and_counted(fused: bool) -> None:
+    """Fused optimisers skip on the device (found_inf); others are asked on the host."""
     net = NaNAfter(tiny_net(), bad={2, 3})
-    module = make_module(net)
+    optimizer = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, fused=fused)
+    module = make_module(net, optimizer=optimizer)
     snapshots = []
 
     class Snapshot(L.Callback):
@@ -187,13 +190,14 @@ def test_non_finite_steps_are_skipped_and_counted() -> None:
     trainer = L.Trainer(
         max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[Snapshot()],
+        callbacks=[Snapshot()], log_every_n_steps=2,
     )  # fmt: skip
     datamodule = BoxesDataModule(n=24)
     datamodule.set_box_coder(module.box_coder)
     with pytest.warns(UserWarning, match="non-finite loss"):
         trainer.fit(module, datamodule=datamodule)
-    assert module._nonfinite_total == 2 and module._nonfinite_in_a_row == 0
+    assert module._skip_on_device == fused
+    assert module.nonfinite_steps == 2 and module._nonfinite.tolist()[1] == 0  # none in a row now
     # Batches 2 and 3 (calls 2, 3) were skipped: no update between their starts and the next.
     assert torch.equal(snapshots[1], snapshots[2]) and torch.equal(snapshots[2], snapshots[3])
     assert not torch.equal(snapshots[0], snapshots[1])
@@ -212,7 +216,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_training() -> None:
 
 def test_optimizer_groups_lr_scaling_and_step_schedule() -> None:
     module = make_module(
-        scheduler=functools.partial(warmup_multistep, milestones=(0.5,), warmup_steps=0),
+        scheduler=functools.partial(warmup_multistep, milestones=(0.5,), warmup_epochs=0),
         batch_size=4,
         base_batch_size=2,
     )
@@ -239,7 +243,7 @@ def test_bf16_mixed_precision_trains_on_cpu() -> None:
     after = list(module.net.parameters())
     assert all(p.dtype == torch.float32 for p in after)  # fp32 master weights
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
-    assert module._nonfinite_total == 0
+    assert module.nonfinite_steps == 0
 
 
 def test_detect_returns_boxes_in_original_pixels() -> None:

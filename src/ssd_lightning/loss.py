@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 
 class MultiBoxLoss(nn.Module):
-    """SSD MultiBox loss, vectorised over the batch.
+    """SSD MultiBox loss, vectorised over the batch, with fixed shapes.
 
     Args:
         neg_pos_ratio: Most mined negatives per positive in an image (3 in the paper).
@@ -29,10 +29,13 @@ class MultiBoxLoss(nn.Module):
         min_negatives: Least negatives per image, so background-only images still teach
             "background" (0 = paper behaviour). Capped by the negatives an image has.
 
-    Hard negatives are taken with one ``topk`` over the batch (k = the largest quota) and a
-    rank mask, instead of the double ``argsort`` of most re-implementations. Ties at an
-    image's quota boundary are broken arbitrarily by ``topk``; the loss value does not
-    depend on which tied box is taken, only which row receives the gradient.
+    Every tensor keeps the shape of the batch: the box term is a masked sum over all default
+    boxes, and the hard negatives are a rank mask (rank of each background box's loss within
+    its image < the image's quota) from one sort, instead of gathering the positive rows or a
+    ``topk`` whose k would have to be read back from the device. So the loss never waits for
+    the GPU (no host sync) and compiles with ``torch.compile(fullgraph=True)``. Ties at an
+    image's quota boundary are broken arbitrarily; the loss value does not depend on which tied
+    box is taken, only which row receives the gradient.
     """
 
     def __init__(self, neg_pos_ratio: float = 3.0, alpha: float = 1.0, min_negatives: int = 0):
@@ -57,7 +60,7 @@ class MultiBoxLoss(nn.Module):
             loc_pred: Predicted offsets (encoded like ``loc_targets``).
             cls_logits: Class logits, background at index 0.
             loc_targets: Encoded regression targets; read only where ``labels > 0``.
-            labels: Target class per default box, ``-1`` = ignore.
+            labels: Target class per default box, ``-1`` = ignore (any integer dtype).
             num_positives: Normaliser ``N`` (e.g. the positive count all-reduced over DDP
                 ranks); defaults to this batch's positive count. ``max(1, N)`` is used.
 
@@ -67,27 +70,25 @@ class MultiBoxLoss(nn.Module):
         Shape:
             - loc_pred, loc_targets: (B, A, 4)
             - cls_logits: (B, A, C)
-            - labels: (B, A) int64
+            - labels: (B, A)
             - outputs: scalars
         """
+        labels = labels.long()
         positive = labels > 0  # (B, A)
         if num_positives is None:
             num_positives = positive.sum()
         normaliser = torch.as_tensor(num_positives, dtype=torch.float32, device=labels.device)
         normaliser = normaliser.clamp(min=1.0)
 
-        # L_loc: smooth L1 over positives only, (P, 4) -> scalar.
-        loss_box = F.smooth_l1_loss(
-            loc_pred[positive].float(), loc_targets[positive].float(), reduction="sum", beta=1.0
-        )
+        # L_loc: smooth L1 summed over the positives' offsets, (B, A, 4) -> scalar.
+        box = F.smooth_l1_loss(loc_pred.float(), loc_targets.float(), reduction="none", beta=1.0)
+        loss_box = (box.sum(dim=-1) * positive).sum()
 
-        # L_conf over positives and mined negatives: gather their rows, so the softmax and
-        # its backward run on ~4P rows instead of all B*A.
-        rows = torch.cat(
-            [positive.flatten().nonzero().squeeze(1), self._hard_negatives(cls_logits, labels)]
-        )
-        logits = cls_logits.flatten(0, 1)[rows].float()  # (R, C)
-        loss_cls = F.cross_entropy(logits, labels.flatten()[rows], reduction="sum")
+        # L_conf: cross-entropy of the positives and the mined negatives, (B, A, C) -> scalar.
+        log_p = F.log_softmax(cls_logits.float(), dim=-1)
+        cross_entropy = -log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        chosen = positive | self._hard_negatives(-log_p[..., 0].detach(), labels)
+        loss_cls = (cross_entropy * chosen).sum()
 
         loss_box = loss_box / normaliser
         loss_cls = loss_cls / normaliser
@@ -97,28 +98,23 @@ class MultiBoxLoss(nn.Module):
             "loss_cls": loss_cls,
         }
 
-    @torch.no_grad()
-    def _hard_negatives(self, cls_logits: Tensor, labels: Tensor) -> Tensor:
-        """Flat indices (into B*A) of the mined negatives of every image.
+    def _hard_negatives(self, background_loss: Tensor, labels: Tensor) -> Tensor:
+        """Mask of the mined negatives of every image (SSD paper, "Hard negative mining").
+
+        Background boxes ranked by their own cross-entropy ``-log softmax(x)[0]``; an image
+        keeps those ranked below its quota. Positives and ignored boxes rank last (-inf).
 
         Shape:
-            - cls_logits: (B, A, C); labels: (B, A)
-            - output: (R,) int64, R = sum of the per-image quotas
+            - background_loss, labels: (B, A)
+            - output: (B, A) bool, ``quota`` True entries per image
         """
-        batch, num_anchors = labels.shape
         negative = labels == 0
-        # Background cross-entropy -log softmax(x)[0] ranks the negatives; positives and
-        # ignored boxes get -inf so they sort last. (B, A)
-        background_loss = -F.log_softmax(cls_logits.float(), dim=-1)[..., 0]
-        background_loss = background_loss.masked_fill(~negative, float("-inf"))
-
-        num_pos = (labels > 0).sum(1)
+        score = background_loss.masked_fill(~negative, float("-inf"))
+        num_pos = (labels > 0).sum(dim=1)
         quota = torch.floor(num_pos * self.neg_pos_ratio).long().clamp(min=self.min_negatives)
-        quota = torch.minimum(quota, negative.sum(1))  # (B,)
-        k = int(quota.max()) if batch else 0
-        if k == 0:
-            return torch.empty(0, dtype=torch.long, device=labels.device)
-        _, order = background_loss.topk(k, dim=1)  # (B, k), hardest first
-        take = torch.arange(k, device=labels.device) < quota[:, None]  # rank < quota
-        offsets = torch.arange(batch, device=labels.device)[:, None] * num_anchors
-        return (order + offsets)[take]
+        quota = torch.minimum(quota, negative.sum(dim=1))  # (B,)
+        order = score.argsort(dim=1, descending=True)  # hardest first
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+        )
+        return rank < quota[:, None]

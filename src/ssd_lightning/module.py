@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,9 @@ from ssd_lightning.encoder import SSDBoxCoder
 from ssd_lightning.metrics import DetectionMetrics
 from ssd_lightning.optim import param_groups, scaled_lr
 from ssd_lightning.postprocess import PostProcessor
+
+# The batch hooks are the module's (normalising and assigning on the device): not a mistake.
+warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,8 +121,13 @@ class SSDModule(L.LightningModule):
             max_detections=max_detections,
         )
         self.val_metrics: DetectionMetrics | None = None
-        self._nonfinite_in_a_row = 0
-        self._nonfinite_total = 0
+        # Non-finite steps (total, in a row, most in a row), counted on the device.
+        self.register_buffer("_nonfinite", torch.zeros(3, dtype=torch.long), persistent=False)
+        self._nonfinite_reported = 0
+        self._step_nonfinite: Tensor | None = None
+        self._skip_on_device = False  # set by configure_optimizers
+        self.register_buffer("_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("_std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
         self._compiled = False
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -198,10 +207,33 @@ class SSDModule(L.LightningModule):
 
     @property
     def nonfinite_steps(self) -> int:
-        """Training steps skipped so far because the loss was not finite."""
-        return self._nonfinite_total
+        """Training steps skipped so far because the loss was not finite (reads the device)."""
+        return int(self._nonfinite[0])
 
     # ---------------------------------------------------------------- forward
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Batches of ``data.assign_on=device``: uint8 images normalised (and laid out
+        channels-last) here, and the GT assigned to the default boxes for the whole batch."""
+        if not isinstance(batch, dict):
+            return batch
+        if batch["images"].dtype == torch.uint8:
+            batch["images"] = self.normalise(batch["images"])
+        if "loc_targets" not in batch and "boxes" in batch:
+            batch["loc_targets"], batch["labels"] = self.box_coder.encode_batch(
+                batch["boxes"], batch["box_labels"], batch["box_valid"], batch["box_crowd"]
+            )
+        return batch
+
+    def normalise(self, images: Tensor) -> Tensor:
+        """uint8 (B, 3, H, W) -> float32 ``(x / 255 - mean) / std``.
+
+        Shape:
+            images: (B, 3, H, W) uint8; returns (B, 3, H, W) float32.
+        """
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (images.float() - self._mean) / self._std
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Raw network outputs.
@@ -242,34 +274,59 @@ class SSDModule(L.LightningModule):
         return {k: v / normaliser for k, v in sums.items()}, total[1] > 0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        """One step without host syncs: the non-finite check and the loss values are read
+        back from the device only every ``trainer.log_every_n_steps`` steps.
+
+        A non-finite loss (on any rank) skips the optimiser step on the device: the fused
+        optimisers (``optim.optimizer.fused=true``) take a ``found_inf`` flag, as with a grad
+        scaler. Other optimisers are asked on the host, one sync per step.
+        """
         losses, nonfinite = self._losses(batch)
-        if bool(nonfinite):
-            return self._skip_nonfinite(losses)
-        self._nonfinite_in_a_row = 0
+        self._count_nonfinite(nonfinite)
         size = batch["images"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=size)
+        if self._skip_on_device:
+            self._step_nonfinite = nonfinite
+        elif bool(nonfinite):  # one host sync per step
+            self._check_nonfinite()
+            return None  # Lightning skips backward and step
+        if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self._check_nonfinite()
         return losses["loss"]
 
-    def _skip_nonfinite(self, losses: dict[str, Tensor]) -> None:
-        """Skip the step (no backward, no update); every rank decides alike."""
-        self._nonfinite_in_a_row += 1
-        self._nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self._nonfinite_total), batch_size=1)
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        rank_zero_warn(
-            f"non-finite loss at step {self.global_step} ({values}); step skipped "
-            f"({self._nonfinite_in_a_row} in a row, {self._nonfinite_total} in total)"
-        )
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        if self._skip_on_device and self._step_nonfinite is not None:
+            optimizer.found_inf = self._step_nonfinite.float()  # read by the fused step
+
+    def on_train_epoch_end(self) -> None:
+        self._check_nonfinite()
+
+    def _count_nonfinite(self, nonfinite: Tensor) -> None:
+        """Update (total, in a row, most in a row) of the non-finite steps, on the device."""
+        total, in_a_row, most = self._nonfinite.unbind()
+        flag = nonfinite.long()
+        in_a_row = (in_a_row + 1) * flag
+        self._nonfinite.copy_(torch.stack([total + flag, in_a_row, torch.maximum(most, in_a_row)]))
+
+    def _check_nonfinite(self) -> None:
+        """Read the counts (one host sync); warn about new skips, stop after too many in a row."""
+        total, in_a_row, most = self._nonfinite.tolist()
+        if total > self._nonfinite_reported:
+            self._nonfinite_reported = total
+            self.log("train/nonfinite_steps", float(total), batch_size=1)
+            rank_zero_warn(
+                f"non-finite loss: {total} training steps skipped so far (by step "
+                f"{self.global_step}, {in_a_row} in a row now)"
+            )
         limit = self.hparams.max_nonfinite_steps
-        if self._nonfinite_in_a_row >= limit:
+        if most >= limit:
             raise NonFiniteLossError(
-                f"training stopped: {self._nonfinite_in_a_row} non-finite losses in a row "
-                f"(max_nonfinite_steps={limit}) at step {self.global_step}. Try a lower "
+                f"training stopped: {most} non-finite losses in a row "
+                f"(max_nonfinite_steps={limit}) by step {self.global_step}. Try a lower "
                 "learning rate or longer warm-up, check the data for broken boxes, or train "
                 "in 32-bit precision."
             )
-        return None
 
     # ---------------------------------------------------------------- validation
 
@@ -301,6 +358,8 @@ class SSDModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         groups = param_groups(self.net, self.hparams.no_decay_bias_norm)
         optimizer = self.optimizer_factory(groups)
+        # Fused optimisers skip a step on the device from a found_inf flag (no host sync).
+        self._skip_on_device = all(g.get("fused") for g in optimizer.param_groups)
         if self.hparams.base_batch_size is not None:
             world = self.trainer.world_size * self.trainer.accumulate_grad_batches
             global_batch = (self.hparams.batch_size or 1) * world
@@ -310,7 +369,12 @@ class SSDModule(L.LightningModule):
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        # Schedules are written in epochs (warm-up) and fractions of the run (milestones), so a
+        # recipe means the same training at any global batch size.
+        batches = self.trainer.num_training_batches
+        per_epoch = total if batches == float("inf") else int(batches)
+        per_epoch = max(1, per_epoch // self.trainer.accumulate_grad_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -77,7 +76,11 @@ class L2Norm(nn.Module):
         self.weight = nn.Parameter(torch.full((channels,), float(scale)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight.view(1, -1, 1, 1) * F.normalize(x, dim=1)
+        # The norm in float32, the output in the input's dtype: under bf16 autocast a float32
+        # weight times a bf16 input would promote the largest activation map to float32.
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+        inverse = norm.clamp_min(1e-12).reciprocal().to(x.dtype)  # as F.normalize's eps
+        return x * inverse * self.weight.to(x.dtype).view(1, -1, 1, 1)
 
 
 class ExtraSpec(NamedTuple):
