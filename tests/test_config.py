@@ -86,16 +86,25 @@ def test_experiment_builds_module_parts(experiment: str, tmp_path) -> None:
     labels = torch.zeros(1, len(boxes), dtype=torch.long)
     assert instantiate(cfg.loss)(loc, logits, torch.zeros_like(loc), labels)["loss"].isfinite()
     optimizer = instantiate(cfg.optim.optimizer)(param_groups(net, cfg.optim.no_decay_bias_norm))
-    scheduler = instantiate(cfg.sched)(optimizer, total_steps=100)
+    scheduler = instantiate(cfg.sched)(optimizer, total_steps=100, steps_per_epoch=10)
     assert scheduler.get_last_lr()[0] <= cfg.optim.optimizer.lr
 
 
 def test_paper_recipes() -> None:
     voc = compose_config(["experiment=voc0712_ssd300", "data.root=/d"], output_dir="/tmp")
     assert voc.data.batch_size == 32 and voc.optim.optimizer.lr == 1e-3
-    assert voc.trainer.max_steps == 120000 and voc.data.num_classes == 21
+    assert voc.data.num_classes == 21 and voc.trainer.max_steps == -1
+    # 120k iterations of batch 32 on the 16,551 VOC07+12 trainval images, in epochs
+    iterations = voc.trainer.max_epochs * (16551 // 32)
+    assert abs(iterations - 120000) < 0.01 * 120000
     assert voc.optim.optimizer.momentum == 0.9 and voc.optim.optimizer.weight_decay == 5e-4
     assert [round(m * 120000) for m in voc.sched.milestones] == [80004, 99996]
+    assert round(voc.sched.warmup_epochs * 16551 / 32) == 1034  # the recipe's ~1,000 steps
+    eight_gpus = compose_config(
+        ["experiment=voc0712_ssd300", "data.root=/d", "trainer=ddp", "trainer.devices=8"],
+        output_dir="/tmp",
+    )
+    assert eight_gpus.trainer.max_epochs == voc.trainer.max_epochs  # same training, 8x sooner
     coco = compose_config(["experiment=coco_ssd300", "data.root=/d"], output_dir="/tmp")
     assert coco.trainer.max_epochs == 120 and coco.optim.optimizer.lr == 2e-3
     assert coco.data.num_classes == 81 and coco.anchors.first_scale == 0.07
@@ -186,7 +195,8 @@ def _lrs(scheduler, steps: int) -> list[float]:
 
 
 def test_warmup_multistep_values() -> None:
-    lrs = _lrs(warmup_multistep(_sgd(), 100, (0.5, 0.75), 0.1, 10, 0.1), 100)
+    # 20 steps per epoch: half an epoch of warm-up is 10 steps
+    lrs = _lrs(warmup_multistep(_sgd(), 100, 20, (0.5, 0.75), 0.1, 0.5, 0.1), 100)
     assert lrs[0] == pytest.approx(0.1)
     assert lrs[5] == pytest.approx(0.1 * 0.5 + 0.5)  # linear from 0.1 to 1 over 10 steps
     assert lrs[10] == lrs[49] == 1.0
@@ -195,12 +205,12 @@ def test_warmup_multistep_values() -> None:
 
 
 def test_warmup_is_capped_for_short_runs() -> None:
-    lrs = _lrs(warmup_multistep(_sgd(), 20, (), 0.1, 500, 0.0), 20)
+    lrs = _lrs(warmup_multistep(_sgd(), 20, 10, (), 0.1, 50.0, 0.0), 20)
     assert lrs[0] == 0.0 and lrs[4] == 1.0  # warm-up at most a fifth of the run
 
 
 def test_warmup_cosine_values() -> None:
-    lrs = _lrs(warmup_cosine(_sgd(2.0), 110, warmup_steps=10, warmup_factor=0.0), 111)
+    lrs = _lrs(warmup_cosine(_sgd(2.0), 110, 5, warmup_epochs=2, warmup_factor=0.0), 111)
     assert lrs[0] == 0.0 and lrs[10] == pytest.approx(2.0)
     assert lrs[60] == pytest.approx(1.0)  # halfway through the cosine
     assert lrs[110] == pytest.approx(0.0, abs=1e-12)

@@ -1,9 +1,11 @@
 """Optimiser parameter groups and per-step learning-rate schedules with linear warm-up.
 
-Schedules are plain ``LambdaLR`` objects stepped every optimiser step, built from fractions of
-the total number of steps, so one config serves a 120k-iteration recipe and a 3-minute demo.
-SSD paper, Sec. 3 (VOC2007): lr 1e-3 for 40k iterations then 1e-4 for 10k; the common
-VOC07+12 recipe is 120k iterations with decays at 80k and 100k, i.e. milestones (2/3, 5/6).
+Schedules are plain ``LambdaLR`` objects stepped every optimiser step. Their settings are in
+units that mean the same training on 1 or 64 GPUs: the length is the trainer's epochs, decay
+milestones are fractions of the run, the warm-up is in epochs (converted with the steps per
+epoch of this run). SSD paper, Sec. 3 (VOC2007): lr 1e-3 for 40k iterations then 1e-4 for
+10k; the common VOC07+12 recipe is 120k iterations of batch 32 (232 epochs of the 16,551
+trainval images) with decays at 80k and 100k, i.e. milestones (2/3, 5/6).
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ def scaled_lr(lr: float, global_batch_size: int, base_batch_size: int | None) ->
     return lr * global_batch_size / base_batch_size
 
 
+def _warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """Warm-up in steps: ``warmup_epochs`` of this run, capped at a fifth of it (short runs
+    still train at full lr)."""
+    return min(round(warmup_epochs * steps_per_epoch), total_steps // 5)
+
+
 def _warmup(step: int, warmup_steps: int, warmup_factor: float) -> float:
     if step >= warmup_steps:
         return 1.0
@@ -63,9 +71,10 @@ def _warmup(step: int, warmup_steps: int, warmup_factor: float) -> float:
 def warmup_multistep(
     optimizer: Optimizer,
     total_steps: int,
+    steps_per_epoch: int,
     milestones: Sequence[float] = (2 / 3, 5 / 6),
     gamma: float = 0.1,
-    warmup_steps: int = 500,
+    warmup_epochs: float = 1.0,
     warmup_factor: float = 1e-3,
 ) -> LambdaLR:
     """Linear warm-up, then the lr times ``gamma`` at each milestone.
@@ -73,13 +82,14 @@ def warmup_multistep(
     Args:
         optimizer: the optimiser.
         total_steps: optimiser steps of the whole run (``trainer.estimated_stepping_batches``).
+        steps_per_epoch: optimiser steps of one epoch of this run.
         milestones: decay points as fractions of ``total_steps``.
         gamma: decay factor at each milestone.
-        warmup_steps: steps of linear warm-up from ``warmup_factor * lr`` to ``lr``; capped at
-            a fifth of the run so short runs still train at full lr.
+        warmup_epochs: epochs of linear warm-up from ``warmup_factor * lr`` to ``lr``; capped
+            at a fifth of the run so short runs still train at full lr.
         warmup_factor: starting fraction of the lr.
     """
-    warmup_steps = min(warmup_steps, total_steps // 5)
+    warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
     points = sorted(round(m * total_steps) for m in milestones)
 
     def factor(step: int) -> float:
@@ -92,12 +102,14 @@ def warmup_multistep(
 def warmup_cosine(
     optimizer: Optimizer,
     total_steps: int,
-    warmup_steps: int = 500,
+    steps_per_epoch: int,
+    warmup_epochs: float = 1.0,
     warmup_factor: float = 1e-3,
     min_factor: float = 0.0,
 ) -> LambdaLR:
-    """Linear warm-up, then cosine decay to ``min_factor * lr`` at ``total_steps``."""
-    warmup_steps = min(warmup_steps, total_steps // 5)
+    """Linear warm-up (``warmup_epochs``), then cosine decay to ``min_factor * lr`` at
+    ``total_steps``; arguments as :func:`warmup_multistep`."""
+    warmup_steps = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
