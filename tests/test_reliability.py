@@ -401,3 +401,26 @@ def test_predict_skips_an_unreadable_image_and_lists_it(run: dict, tmp_path: Pat
     assert [i["file_name"] for i in header["images"]] == ["good.jpg"]
     with pytest.raises(ImageReadError, match=r"bad\.jpg"):
         predict(ckpt, images, tmp_path / "out2", draw=False, on_bad_sample="raise")
+
+
+# --- anchors in checkpoints ----------------------------------------------------------------------
+
+
+def test_checkpoint_whose_boxes_differ_from_its_settings_is_refused(
+    run: dict, tmp_path: Path
+) -> None:
+    checkpoint = load_checkpoint(run["metrics"]["last_checkpoint"])
+    assert checkpoint["ssd"]["anchors"]["s_min"] == 0.2  # the tiny experiment's preset, ssd300
+    checkpoint["ssd"]["anchors"]["s_min"] = 0.25  # settings that rebuild other boxes
+    with pytest.raises(CheckpointError, match=r"map 0 \(12x12\) differs first"):
+        module_from_checkpoint(load_checkpoint(resave(checkpoint, tmp_path / "boxes.ckpt")))
+
+
+def test_evaluation_uses_the_loss_settings_the_weights_were_trained_with(
+    run: dict, tmp_path: Path
+) -> None:
+    checkpoint = load_checkpoint(run["metrics"]["last_checkpoint"])
+    assert checkpoint["ssd"]["loss"] == {"neg_pos_ratio": 3.0, "alpha": 1.0, "min_negatives": 0}
+    checkpoint["ssd"]["loss"]["neg_pos_ratio"] = 7.0  # as if swept
+    module = module_from_checkpoint(load_checkpoint(resave(checkpoint, tmp_path / "np7.ckpt")))
+    assert module.loss.neg_pos_ratio == 7.0 and module.loss.min_negatives == 0
