@@ -290,3 +290,63 @@ def test_report_on_a_real_tiny_multirun(tmp_path: Path) -> None:
     start = plugin_data_pb2.HParamsPluginData.FromString(content[metadata.SESSION_START_INFO_TAG])
     assert start.session_start_info.hparams["loss.neg_pos_ratio"].number_value == 1.0
     assert "hp/best_mAP" in mux.GetAccumulator("0/tensorboard").Tags()["scalars"]
+
+
+# ---------------------------------------------------- restarts: status, resumes, not started
+
+
+def test_report_shows_each_jobs_status_and_resumes(tmp_path: Path) -> None:
+    """What ssd-train records across launches, as the report shows it; a job of the sweep
+    without a folder (the sweep was stopped before it) is listed as not started."""
+    root = tmp_path / "multi"
+    recorded = [
+        ({"status": "finished", "resumes": 2, "time_s": 30.0}, metrics(0.5, 0.5, 0.8, 0.1)),
+        ({"status": "preempted", "resumes": 0, "time_s": 5.0}, None),
+        ({"status": "running", "resumes": 1}, None),  # killed: never ended
+        ({"status": "failed", "error": "E: x", "last_launch": "skipped"}, None),
+        ({"status": "failed", "error": "E: y", "last_launch": "trained"}, None),
+    ]
+    for number, (status, result) in enumerate(recorded):
+        run = make_run(root, number, [f"loss.neg_pos_ratio={number + 1}"], result)
+        (run / "job_status.json").write_text(json.dumps(status))
+    plan = {
+        "hydra": {
+            "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+            "sweep": {"dir": str(root), "subdir": "${hydra.job.num}"},
+            "overrides": {"task": ["loss.neg_pos_ratio=1,2,3,4,5,6"]},
+        }
+    }
+    (root / "multirun.yaml").write_text(yaml.safe_dump(plan))
+    records = report(root)
+    assert [(r["run"], r["status"], r["resumes"]) for r in records] == [
+        ("0", "finished", 2), ("1", "preempted", 0), ("2", "incomplete", 1),
+        ("3", "skipped", 0), ("4", "failed", 0), ("5", "not started", 0),
+    ]  # fmt: skip
+    assert records[3]["error"] == "E: x" and records[5]["overrides"] == {"loss.neg_pos_ratio": "6"}
+    text = (root / "report" / "sweep_report.md").read_text()
+    assert "| status | resumes | error |" in text and "| not started | 0 |" in text
+
+
+def test_job_status_callback_keeps_what_ssd_train_recorded(tmp_path: Path) -> None:
+    from ssd_lightning.runs import RunFolderMismatchError
+
+    config = OmegaConf.create(
+        {"hydra": {"output_subdir": ".hydra", "runtime": {"output_dir": str(tmp_path)}}}
+    )
+    path = tmp_path / "job_status.json"
+    for recorded in ({"status": "preempted", "attempts": 1}, {"status": "failed", "error": "E"}):
+        path.write_text(json.dumps(recorded))
+        for job_status in (JobStatus.COMPLETED, JobStatus.FAILED):
+            job = JobReturn(status=job_status)
+            job._return_value = ValueError("later") if job_status == JobStatus.FAILED else None
+            JobStatusCallback().on_job_end(config, job)
+            if recorded["status"] == "preempted" and job_status == JobStatus.FAILED:
+                assert json.loads(path.read_text())["status"] == "failed"
+                path.write_text(json.dumps(recorded))
+            else:
+                assert json.loads(path.read_text()) == recorded
+    path.unlink()
+    refused = JobReturn(status=JobStatus.FAILED)
+    refused._return_value = RunFolderMismatchError("another run")
+    JobStatusCallback().on_job_end(config, refused)
+    assert not path.exists()  # the folder of another run gets nothing written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,26 @@ def test_cli_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert refused.returncode != 0 and "data.num_workers change nothing here" in refused.stderr
+
+
+def test_relaunch_is_checked_against_the_sweep_folder(tmp_path: Path, capsys) -> None:
+    """Re-launching into a sweep folder: the jobs found are described; job folders that hold
+    runs of other settings are refused before any job starts."""
+    from ssd_lightning.runs import RunFolderMismatchError
+
+    sweep = ("loss.neg_pos_ratio=1,2",)
+    folder = f"hydra.sweep.dir={tmp_path}"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        prints = check_sweep(multirun_config("experiment=tiny", folder, sweep=sweep))
+        (tmp_path / "0").mkdir()
+        status = {"status": "finished", "fingerprint": prints[0]["id"], "seed": 42}
+        (tmp_path / "0" / "job_status.json").write_text(json.dumps(status))
+        dry = multirun_config("experiment=tiny", folder, "dry_run=true", sweep=sweep)
+        check_sweep(dry)
+        assert "1 finished: skipped; 1 new: started" in capsys.readouterr().out
+        with pytest.raises(RunFolderMismatchError, match=r"job #0 .*fingerprint"):
+            check_sweep(
+                multirun_config("experiment=tiny", folder, sweep=("loss.neg_pos_ratio=3,2",))
+            )
+        with pytest.raises(RunFolderMismatchError, match=r"job #0 .*seed 42 there, 7 here"):
+            check_sweep(multirun_config("experiment=tiny", folder, "seed=7", sweep=sweep))

@@ -1,5 +1,6 @@
-"""Training callbacks: checkpoints that are never lost, throughput, per-epoch reseeding, and
-prediction images for TensorBoard."""
+"""Training callbacks: checkpoints that are never lost, throughput, per-epoch reseeding with
+exact resume (also mid-epoch), and prediction images for TensorBoard. The graceful stop on a
+signal is ``ssd_lightning.preemption.StopOnSignal``."""
 
 from __future__ import annotations
 
@@ -59,6 +60,17 @@ class SSDCheckpoint(ModelCheckpoint):
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_saved_at = trainer.global_step
+
+    def save_last_now(self, trainer: L.Trainer) -> str:
+        """Write (and verify) ``last.ckpt`` of the current state, e.g. mid-epoch on a stop
+        signal; call it on every rank. Returns its path."""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return self.last_model_path
+
+    @property
+    def last_saved_at(self) -> int | None:
+        """Global step of the newest ``last.ckpt`` written by this run (None: none yet)."""
+        return self._last_saved_at
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
@@ -180,13 +192,19 @@ class ReseedEveryEpoch(Callback):
     - The first epoch of a ``fit`` call (epoch 0, or the epoch a resumed run starts at) gets its
       iterator already in ``configure_optimizers`` (Lightning loads the train loader to count
       the steps of the schedule); it is seeded in ``setup``, which comes before, with the epoch
-      read from the checkpoint being resumed.
+      read from the checkpoint being resumed. (Lightning calls no ``on_train_epoch_start`` for
+      an epoch resumed mid-way.)
     - Later epochs are seeded in ``on_train_epoch_start``, just before their iterator.
     - The sanity check runs with an isolated RNG, so it changes nothing.
 
     Exact for data loaded in the main process or by workers started every epoch
     (``persistent_workers=False``); persistent workers keep the generators of their first
-    epoch. Resuming is exact from end-of-epoch checkpoints.
+    epoch. Resuming is exact from end-of-epoch and from mid-epoch checkpoints (a stop signal,
+    ``val_check_interval``): checkpoints record the epoch to resume and the batches of it
+    already trained, and Lightning, whose loaders keep no position, starts that epoch's
+    iterator from its first batch while counting those batches as done; here they are loaded
+    again and dropped before training continues, so the rest of the epoch sees the same images
+    with the same augmentation as the uninterrupted run (at the cost of loading them).
 
     Args:
         seed: base seed.
@@ -196,11 +214,22 @@ class ReseedEveryEpoch(Callback):
     def __init__(self, seed: int = 0, ckpt_path: str | None = None) -> None:
         self.seed = seed
         self.ckpt_path = ckpt_path
-        self._next_epoch = 0  # the epoch a run resumed from a checkpoint saved now starts at
-        self._first_epoch_of_fit = True
+        self._next_epoch = 0  # state_dict() outside fit
+        self._skip = 0  # batches of the resumed epoch already trained
+        self._fit_start_epoch = 0  # its iterator is seeded in setup
+        self._trainer: L.Trainer | None = None
 
     def state_dict(self) -> dict[str, int]:
-        return {"next_epoch": self._next_epoch}
+        """Where a run resumed from a checkpoint saved now continues: ``next_epoch`` and the
+        batches of it already trained (``batches_done``, 0 at an epoch boundary)."""
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {"next_epoch": self._next_epoch, "batches_done": 0}
+        # batches whose step ran in this epoch; every Lightning save point is inside an epoch
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        if done >= trainer.num_training_batches:
+            return {"next_epoch": trainer.current_epoch + 1, "batches_done": 0}
+        return {"next_epoch": trainer.current_epoch, "batches_done": done}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._next_epoch = int(state_dict["next_epoch"])
@@ -208,23 +237,30 @@ class ReseedEveryEpoch(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._first_epoch_of_fit = True
+        self._trainer = trainer
         datamodule = getattr(trainer, "datamodule", None)
         loads_here = datamodule is not None and getattr(datamodule, "num_workers", 1) == 0
         # a new loader object over the same dataset (the trainer's does not exist yet)
         loader = datamodule.train_dataloader() if loads_here else None
-        self._reseed(trainer, self._resume_epoch(), _main_process_transform(loader))
+        self._fit_start_epoch, self._skip = self._resume_position()
+        self._reseed(trainer, self._fit_start_epoch, _main_process_transform(loader))
 
-    def _resume_epoch(self) -> int:
+    def _resume_position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained) of the checkpoint resumed from."""
         if not self.ckpt_path:
-            return 0
+            return 0, 0
         checkpoint = torch.load(self.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        return int(checkpoint.get("callbacks", {}).get(self.state_key, {}).get("next_epoch", 0))
+        state = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        return int(state.get("next_epoch", 0)), int(state.get("batches_done", 0))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._skip:  # resumed mid-epoch
+            _drop_first_batches(trainer, self._skip)
+            self._skip = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._next_epoch = trainer.current_epoch + 1
-        if self._first_epoch_of_fit:  # iterator already created and seeded
-            self._first_epoch_of_fit = False
+        if trainer.current_epoch == self._fit_start_epoch:  # iterator already created and seeded
             return
         transform = _main_process_transform(trainer.train_dataloader)
         self._reseed(trainer, trainer.current_epoch, transform)
@@ -235,6 +271,16 @@ class ReseedEveryEpoch(Callback):
         # reseed theirs from the torch seed when they start).
         if hasattr(transform, "set_random_seed"):
             transform.set_random_seed(self.seed + epoch + 1000003 * trainer.global_rank)
+
+
+def _drop_first_batches(trainer: L.Trainer, count: int) -> None:
+    """Load and drop the first ``count`` batches of the training iterator of a fit resumed
+    mid-epoch (Lightning counts them as done but iterates from the epoch's first batch)."""
+    # Lightning 2.x: the fetcher's iterator is created in setup_data and yields the epoch's
+    # batches; the mid-epoch resume test fails if this ever changes.
+    iterator = trainer.fit_loop._data_fetcher.iterator
+    for _ in range(count):
+        next(iterator)
 
 
 def _main_process_transform(loader: Any) -> Any:

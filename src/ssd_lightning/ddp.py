@@ -16,11 +16,18 @@ externally and launches nothing itself.
 When processes are already created by a cluster (torchrun / TorchElastic, SLURM ``srun``, or
 ``LOCAL_RANK`` set by hand) nothing is launched here and Lightning's environment detection
 applies as usual; that is how multi-node jobs run.
+
+Stop signals (``preemption.signals``): a signal that reaches rank 0 only, or every process (as
+SLURM sends it), stops all ranks at the same step (``ssd_lightning.callbacks.StopOnSignal``
+agrees on it across ranks). The ranks started here ignore those signals until their
+``train()`` takes them over, so one arriving while they start up cannot kill them half-way (rank
+0 has seen it and stops everyone at the first step); other entries get the default handlers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import signal
@@ -36,6 +43,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
+
+from ssd_lightning.preemption import parse_signal
 
 _ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -89,10 +98,11 @@ def launched_local_ranks(
     os.environ["WORLD_SIZE"] = str(num_processes * num_nodes)
     os.environ["LOCAL_RANK"] = "0"
     children = []
+    ignore = functools.partial(_ignore_signals, _stop_signals(cfg))
     for local_rank in range(1, num_processes):
         env = dict(os.environ, LOCAL_RANK=str(local_rank))
         command = [sys.executable, "-m", "ssd_lightning.ddp", str(config_path), entry]
-        children.append(subprocess.Popen(command, env=env))
+        children.append(subprocess.Popen(command, env=env, preexec_fn=ignore))
     watcher = _Watcher(children)
     watcher.start()
     try:
@@ -114,6 +124,16 @@ def launched_local_ranks(
     codes = [child.wait() for child in children]
     if any(codes):
         raise RuntimeError(f"DDP ranks 1..{num_processes - 1} exited with codes {codes}")
+
+
+def _stop_signals(cfg: DictConfig) -> list[signal.Signals]:
+    return [parse_signal(s) for s in (cfg.get("preemption") or {}).get("signals", ())]
+
+
+def _ignore_signals(signals: list[signal.Signals]) -> None:
+    """In a child between fork and exec: ignore ``signals`` (kept across exec)."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _Watcher(threading.Thread):
@@ -154,7 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     module_name, function = argv[1].split(":")
     entry = getattr(importlib.import_module(module_name), function)
-    entry(OmegaConf.load(argv[0]))
+    cfg = OmegaConf.load(argv[0])
+    if argv[1] != "ssd_lightning.train:train":  # only train() takes the stop signals over
+        for sig in _stop_signals(cfg):
+            signal.signal(sig, signal.SIG_DFL)
+    entry(cfg)
 
 
 if __name__ == "__main__":

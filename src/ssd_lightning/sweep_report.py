@@ -7,12 +7,24 @@ mAP_small, training time and status. Failed runs are listed, not hidden. Writes
 swept parameter of mAP against it (numeric axis where every value is a number, categorical
 otherwise) into ``--out`` (default ``<multirun folder>/report``).
 
-Status and time come from ``job_status.json``, written into each run folder by the Hydra
-callback ``ssd_lightning.sweeps.JobStatusCallback`` (on for every multirun): ``finished`` or
-``failed`` with the exception, and the job's wall time. Without it: ``finished`` when
-``metrics.json`` exists, ``failed`` when a log file ends in an exception, else ``incomplete``
-(killed, or still running); the time is then ``train_time_s`` of ``metrics.json`` if present,
-else the time from the run's ``.hydra/config.yaml`` (written at job start) to its newest file.
+Status, resumes and time come from ``job_status.json``, kept in each run folder by
+``ssd-train`` (``ssd_lightning.runs``) and the Hydra callback
+``ssd_lightning.sweeps.JobStatusCallback`` (on for every multirun). The status of a job is one of
+
+- ``finished``: trained to the end (also when it was skipped by a later re-launch);
+- ``preempted``: stopped by a signal with a resumable checkpoint; a re-launch resumes it;
+- ``failed``: ended by an exception (the error column);
+- ``incomplete``: started but never ended (killed, node failure, still running); a re-launch
+  resumes it from its newest checkpoint;
+- ``skipped``: failed in an earlier launch and left alone by the latest (``retry_failed=true``
+  re-runs it); the error column keeps its error;
+- ``not started``: a job of the sweep (``multirun.yaml``) without a folder yet.
+
+``resumes`` counts the launches that continued the job from one of its checkpoints, and the
+time is that of all its launches. Without ``job_status.json``: ``finished`` when
+``metrics.json`` exists, ``failed`` when a log file ends in an exception, else ``incomplete``;
+the time is then ``train_time_s`` of ``metrics.json`` if present, else the time from the run's
+``.hydra/config.yaml`` (written at job start) to its newest file.
 
 Seeds and settings: runs that differ only in ``seed`` are replicates of one setting. A second
 table (``sweep_settings.csv``) gives every setting's mean, standard deviation and number of
@@ -53,12 +65,41 @@ def scan_multirun(folder: str | Path) -> list[dict[str, Any]]:
 
     Returns:
         Dicts with ``run`` (folder relative to ``folder``), ``overrides`` (key -> value
-        strings as given to Hydra), ``status``, ``error``, ``time_s`` and the metrics of
-        ``METRIC_COLUMNS`` (None when absent).
+        strings as given to Hydra), ``status``, ``resumes``, ``error``, ``time_s`` and the
+        metrics of ``METRIC_COLUMNS`` (None when absent); jobs of ``multirun.yaml`` that have
+        no folder yet as ``not started``.
     """
     folder = Path(folder)
     runs = [p.parent.parent for p in folder.rglob("overrides.yaml") if p.parent.name == ".hydra"]
-    return [_read_run(run, folder) for run in sorted(runs, key=lambda p: _natural_key(p, folder))]
+    records = [_read_run(run, folder) for run in runs]
+    found = {r["run"] for r in records}
+    for number, job in enumerate(planned_jobs(folder) or []):
+        if str(number) not in found:
+            records.append(_not_started(str(number), job))
+    return sorted(records, key=lambda r: _natural_key(folder / r["run"], folder))
+
+
+def planned_jobs(folder: Path) -> list[list[str]] | None:
+    """Every job's overrides of the basic-sweeper multirun saved in ``folder/multirun.yaml``,
+    when job N runs in ``folder/N``; None otherwise."""
+    path = folder / "multirun.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    from ssd_lightning.sweeps import job_folders, sweep_jobs  # torch: only when needed
+
+    config = OmegaConf.load(path)
+    if job_folders(config) is None:
+        return None
+    return sweep_jobs(config)
+
+
+def _not_started(run: str, job: Sequence[str]) -> dict[str, Any]:
+    record: dict[str, Any] = {"run": run, "overrides": dict(_split_override(o) for o in job)}
+    record.update(dict.fromkeys((*METRIC_COLUMNS, "anchor_coverage", "fingerprint", "error")))
+    record.update(status="not started", resumes=0, time_s=None)
+    return record
 
 
 def _natural_key(path: Path, root: Path) -> list[Any]:
@@ -83,16 +124,27 @@ def _read_run(run: Path, root: Path) -> dict[str, Any]:
     )
     job = _read_json(run / "job_status.json")
     if job.get("status"):
-        status, error = job["status"], job.get("error")
+        status, error = _job_status(job), job.get("error")
     elif metrics_file.is_file():
         status, error = "finished", None
     else:
         error = _error_from_logs(run)
         status = "failed" if error else "incomplete"
     record["status"], record["error"] = status, error
+    record["resumes"] = int(job.get("resumes", 0))
     time_s = job.get("time_s", metrics.get("train_time_s"))
     record["time_s"] = time_s if time_s is not None else _time_from_files(run, metrics_file)
     return record
+
+
+def _job_status(job: dict[str, Any]) -> str:
+    """The report's status of a ``job_status.json`` (see the module docstring)."""
+    status = job["status"]
+    if status == "running":  # never ended: killed, or still running
+        return "incomplete"
+    if status == "failed" and job.get("last_launch") == "skipped":
+        return "skipped"
+    return status
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -136,7 +188,7 @@ def swept_keys(records: Sequence[dict[str, Any]]) -> list[str]:
 def table_rows(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """Columns and rows of the report table (swept overrides, metrics, time, status)."""
     params = swept_keys(records)
-    extra = ("anchor_coverage", "time_s", "fingerprint", "status", "error")
+    extra = ("anchor_coverage", "time_s", "fingerprint", "status", "resumes", "error")
     columns = ["run", *params, *METRIC_COLUMNS, *extra]
     rows = [
         {

@@ -13,6 +13,13 @@ naming the overrides that change nothing. Jobs that differ only in ``seed`` are 
 and always allowed; ``allow_duplicate_runs=true`` allows the rest on purpose. Sweepers that
 choose their jobs as they go (Optuna) are not checked. ``ssd-train -m ... dry_run=true``
 prints every job's fingerprint and default boxes and trains nothing.
+
+Re-launching a multirun into its sweep folder (the same command with the same
+``hydra.sweep.dir`` or ``run_id``) finishes it: each job's ``train()`` skips a finished job,
+resumes an interrupted one and skips a failed one unless ``retry_failed=true``
+(``ssd_lightning.runs``). Before any job starts, ``check_sweep`` refuses a sweep folder whose
+job folders hold runs of other settings (Hydra would write its files into them) and prints
+what the launch will do with the jobs found.
 """
 
 from __future__ import annotations
@@ -30,14 +37,21 @@ from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.anchors import DefaultBoxes
 from ssd_lightning.config import network_on_meta, to_plain
+from ssd_lightning.runs import (
+    FINGERPRINT_FILE,
+    STATUS_FILE,
+    RunFolderMismatchError,
+    identity_mismatch,
+    read_status,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_FILE = "fingerprint.json"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Overrides that never change what a job trains (replicates, loaders, outputs).
 REPLICATE_KEYS = ("seed",)
@@ -102,7 +116,8 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    params += list(to_plain(config.hydra.overrides.task) or [])
+    # unresolved: an override may hold an interpolation of its own job (${hydra:job.num})
+    params += list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False) or [])
     overrides = OverridesParser.create().parse_overrides(params)
     return BasicSweeper.split_arguments(overrides, None)[0]
 
@@ -141,16 +156,20 @@ def check_sweep(config: DictConfig) -> list[dict[str, Any]] | None:
     if jobs is None:
         log.info("sweep check: %s chooses its own jobs; not checked", config.hydra.sweeper._target_)
         return None
-    prints = []
+    prints, seeds = [], []
     for number, job in enumerate(jobs):
         try:
-            prints.append(fingerprint(compose(config_name=config.hydra.job.config_name,
-                                              overrides=list(job))))  # fmt: skip
+            cfg = compose(config_name=config.hydra.job.config_name, overrides=list(job))
+            prints.append(fingerprint(cfg))
         except ValueError as e:
             raise type(e)(f"sweep job #{number} ({' '.join(job)}) cannot be built: {e}") from e
+        seeds.append(cfg.get("seed"))
     ids = [p["id"] for p in prints]
     if config.get("dry_run"):
         print(format_plan(jobs, prints), flush=True)
+    relaunch = check_sweep_folder(config, ids, seeds)
+    if relaunch:
+        (print if config.get("dry_run") else log.info)(relaunch)
     duplicates = duplicate_groups(jobs, ids)
     if duplicates and not config.get("allow_duplicate_runs"):
         lines = []
@@ -170,6 +189,53 @@ def check_sweep(config: DictConfig) -> list[dict[str, Any]] | None:
         )
     log.info("sweep check: %d jobs, %d distinct settings", len(jobs), len(set(ids)))
     return prints
+
+
+def job_folders(config: DictConfig) -> Path | None:
+    """The sweep folder when job N runs in ``<sweep folder>/N`` (Hydra's default subdir)."""
+    raw = OmegaConf.to_container(config.hydra.sweep, resolve=False)
+    if raw.get("subdir") != "${hydra.job.num}":
+        return None
+    return Path(str(config.hydra.sweep.dir))
+
+
+def check_sweep_folder(config: DictConfig, ids: Sequence[str], seeds: Sequence[Any]) -> str:
+    """Refuse a sweep folder whose job folders hold runs of other settings or seeds; describe
+    what this launch does with the jobs already there ("" for a new sweep folder).
+
+    Raises:
+        RunFolderMismatchError: naming the jobs and what differs.
+    """
+    root = job_folders(config)
+    if root is None or not root.is_dir():
+        return ""
+    mismatched, counts = [], {}
+    for number, (print_id, seed) in enumerate(zip(ids, seeds, strict=True)):
+        folder = root / str(number)
+        why = identity_mismatch(folder, {"fingerprint": print_id, "seed": seed})
+        if why is not None:
+            mismatched.append(f"  job #{number} ({folder}): {why}")
+            continue
+        state = read_status(folder).get("status")
+        if state is None and (folder / "metrics.json").is_file():
+            state = "finished"
+        if state == "failed" and config.get("retry_failed"):
+            state = "failed, retried"
+        counts[state or "new"] = counts.get(state or "new", 0) + 1
+    if mismatched:
+        raise RunFolderMismatchError(
+            f"the sweep folder {root} holds runs of other settings than this sweep's jobs:\n"
+            + "\n".join(mismatched)
+            + "\nRe-launch the sweep that wrote it (same overrides), or give this sweep another "
+            "hydra.sweep.dir / run_id."
+        )
+    actions = {
+        "finished": "skipped", "failed": "skipped (retry_failed=true re-runs them)",
+        "preempted": "resumed", "running": "resumed (killed while running)",
+        "incomplete": "resumed", "failed, retried": "resumed or restarted", "new": "started",
+    }  # fmt: skip
+    parts = [f"{n} {state}: {actions.get(state, 'resumed')}" for state, n in counts.items()]
+    return f"sweep folder {root} re-launched: " + "; ".join(parts)
 
 
 def format_plan(jobs: Sequence[Sequence[str]], prints: Sequence[dict[str, Any]]) -> str:
@@ -196,11 +262,14 @@ class SweepCheckCallback(Callback):
 
 
 class JobStatusCallback(Callback):
-    """Hydra callback: writes ``<run folder>/job_status.json`` with status, error and time.
+    """Hydra callback: makes sure ``<run folder>/job_status.json`` says how every job ended.
 
-    Hydra keeps a failed job's exception in the launching process only (nothing reaches the
-    run folder); this records it where ``ssd-sweep-report`` looks. Processes of rank > 0
-    started by torchrun/SLURM (no saved config) write nothing.
+    ``ssd-train`` keeps that file itself (``ssd_lightning.runs``: status, error, attempts,
+    resumes, time); this callback adds what ``train()`` cannot record: a job that failed before
+    its record started (e.g. a missing setting), with the exception that Hydra keeps in the
+    launching process only, and a job of another entry point. It never rewrites a status that
+    ``ssd-train`` wrote, nor a folder that holds another run. Processes of rank > 0 started by
+    torchrun/SLURM (no saved config) write nothing.
     """
 
     def __init__(self) -> None:
@@ -213,22 +282,29 @@ class JobStatusCallback(Callback):
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
         if config.hydra.output_subdir is None or rank != 0:
             return
-        failed = job_return.status == JobStatus.FAILED
-        error = job_return._return_value if failed else None  # .return_value would re-raise
-        status = {
-            "status": "failed" if failed else "finished",
-            "error": f"{type(error).__name__}: {error}" if failed else None,
-            "time_s": time.time() - self._start,
-        }
-        path = Path(config.hydra.runtime.output_dir) / "job_status.json"
-        path.write_text(json.dumps(status, indent=2))
+        folder = Path(config.hydra.runtime.output_dir)
+        status = read_status(folder)
+        elapsed = time.time() - self._start
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value  # .return_value would re-raise
+            if isinstance(error, RunFolderMismatchError) or status.get("status") == "failed":
+                return
+            status.update(status="failed", error=f"{type(error).__name__}: {error}")
+            status.setdefault("time_s", elapsed)
+        elif status.get("status"):
+            return
+        else:
+            status = {"status": "finished", "error": None, "time_s": elapsed}
+        write_json(folder / STATUS_FILE, status)
 
 
 __all__ = [
+    "FINGERPRINT_FILE",
     "DuplicateRunsError",
     "JobStatusCallback",
     "SweepCheckCallback",
     "check_sweep",
+    "check_sweep_folder",
     "duplicate_groups",
     "fingerprint",
     "sweep_jobs",
