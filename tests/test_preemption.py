@@ -191,6 +191,24 @@ def test_signal_during_the_last_validation_finishes_the_run(
     assert _status(tmp_path)["status"] == "finished"
 
 
+def test_lightning_slurm_auto_requeue_does_not_take_the_signal(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a SLURM step Lightning's SLURMEnvironment (auto_requeue) would save an hpc
+    checkpoint from within the USR1 handler; ours is installed first, so the stop is ours."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "77",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert SLURMEnvironment.detect()
+    stopped = train(tiny_config(tmp_path, cache_dir), [SignalAtStep(2, signal.SIGUSR1)])
+    assert stopped["stop_signal"] == "SIGUSR1" and stopped["global_step"] == 3
+    assert not list(tmp_path.glob("hpc_ckpt_*.ckpt"))
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)
+
+
 def test_stop_signals_are_a_setting(tmp_path: Path, cache_dir: Path) -> None:
     cfg = tiny_config(tmp_path, cache_dir, "preemption.signals=[SIGUSR2]")
     stopped = train(cfg, extra_callbacks=[SignalAtStep(1, signal.SIGUSR2)])
