@@ -355,3 +355,18 @@ def test_tiny_training_run_on_converted_bccd_subset(bccd_yolo, tmp_path: Path) -
     metrics = train(cfg)
     assert 0.0 <= metrics["val/mAP_50"] <= 1.0
     assert Path(metrics["last_checkpoint"]).is_file()
+
+
+def test_data_yolo_reads_the_class_names_of_the_data_yaml_in_its_root(tmp_path: Path) -> None:
+    (tmp_path / "data.yaml").write_text("names: {0: cat, 1: dog, 2: bird}\n")
+    cfg = compose_config(["data=yolo", f"data.root={tmp_path}"], output_dir=tmp_path)
+    assert list(cfg.data.class_names) == ["cat", "dog", "bird"] and cfg.data.num_classes == 4
+    given = compose_config(
+        ["data=yolo", f"data.root={tmp_path}", "data.class_names=[a,b]"], output_dir=tmp_path
+    )
+    assert given.data.num_classes == 3  # given names win; data.yaml is not read
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = compose_config(["data=yolo", f"data.root={empty}"], output_dir=tmp_path)
+    with pytest.raises(Exception, match=r"empty/data\.yaml: no Ultralytics data\.yaml"):
+        _ = cfg.data.num_classes

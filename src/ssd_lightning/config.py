@@ -3,6 +3,8 @@
 Resolvers (registered on import, usable in any conf/ file):
 
 - ``${count_classes:${data.class_names}}`` -> number of classes including background.
+- ``${yolo_names:${data.root}}`` -> the class names of ``<root>/data.yaml`` (Ultralytics:
+  ``names:`` a list or an index-to-name map), the default of ``data=yolo``.
 - ``${run_id:}`` / ``${run_id:<name>}`` -> the name of the run (or sweep) folder, shared by every
   process of a multi-process job and kept when SLURM requeues the job: ``<name>`` when given
   (the ``run_id=`` setting), else ``slurm-<array job id>_<task id>`` for a task of a SLURM job
@@ -45,6 +47,18 @@ def _count_classes(class_names: Any) -> int:
     return len(names) if names[:1] == ["background"] else len(names) + 1
 
 
+def _yolo_names(root: Any) -> ListConfig:
+    from ssd_lightning.data.yolo import read_class_names  # data code, only for data=yolo
+
+    path = Path(str(root)) / "data.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no Ultralytics data.yaml to read the class names from; give them as "
+            "data.class_names=[name0,name1,...] (in class-index order)"
+        )
+    return ListConfig(read_class_names(path))
+
+
 def _run_id(name: str | None = None) -> str:
     """Run folder name: identical in every process of a SLURM or torchrun job, and in a SLURM
     job requeued after preemption or a time limit (it keeps its job id)."""
@@ -84,6 +98,7 @@ def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers (idempotent)."""
     resolvers = (
         ("count_classes", _count_classes),
+        ("yolo_names", _yolo_names),
         ("run_id", _run_id),
     )
     for name, fn in resolvers:

@@ -29,7 +29,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.anchor_analysis import coverage_fraction
@@ -110,6 +110,10 @@ def build_trainer(
     if stop is not None and stop.signals:
         every = int(cfg.get("preemption", {}).get("check_every_n_steps", 1))
         callbacks.append(StopOnSignal(stop, every))
+    if cfg.trainer.get("enable_progress_bar", True):
+        # The bar reads the logged losses from the device at each refresh: once per log
+        # interval keeps the training step free of host syncs (the default reads every step).
+        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.trainer.log_every_n_steps)))
     return instantiate(
         cfg.trainer,
         callbacks=[*callbacks, *extra_callbacks],
