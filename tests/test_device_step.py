@@ -224,3 +224,14 @@ def test_l2norm_keeps_the_input_dtype_under_autocast() -> None:
     reference = 20 * torch.nn.functional.normalize(x.bfloat16().float(), dim=1)
     torch.testing.assert_close(out.float(), reference, atol=0.2, rtol=0.02)
     np.testing.assert_allclose(norm(x).norm(dim=1).detach().numpy(), 20.0, rtol=1e-5)
+
+
+def test_progress_bar_reads_the_losses_once_per_log_interval(tmp_path: Path) -> None:
+    from conftest import tiny_config
+    from ssd_lightning.train import build_trainer
+
+    cfg = tiny_config(
+        tmp_path, tmp_path / "cache", "trainer.enable_progress_bar=true",
+        "trainer.log_every_n_steps=7",
+    )  # fmt: skip
+    assert build_trainer(cfg).progress_bar_callback.refresh_rate == 7
