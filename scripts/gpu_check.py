@@ -49,8 +49,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -86,6 +88,8 @@ class Check:
         self.gpu_sections = self.cuda or args.gpu_sections_on_cpu
         self.device = "cuda" if self.cuda else "cpu"
         self.devices = torch.cuda.device_count() if self.cuda else args.cpu_devices
+        # Run folders (TensorBoard logs, DDP configs): outside --out, which keeps two files.
+        self.work = args.work_dir or Path(tempfile.mkdtemp(prefix="gpu_check-"))
         self.summary: dict[str, Any] = {
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -146,7 +150,7 @@ class Check:
         return [
             *common.split(),
             *("--batch-size", str(self.args.batch_size), "--cache-dir", str(self.args.cache_dir)),
-            *("--out", str(self.args.out / "runs")),
+            *("--out", str(self.work / "runs")),
             *extra,
             *("--override", f"data.shapes.num_train={images}"),
         ]
@@ -314,7 +318,7 @@ def steps(check: Check) -> tuple[int, int]:
 
 def reserve(check: Check) -> float:
     """Seconds kept for the sections after training."""
-    later = 60.0  # data pipeline, post-processing, evaluation
+    later = 75.0  # data pipeline, post-processing, evaluation
     if check.gpu_sections and check.devices > 1:
         later += 150.0
     return 0.0 if check.args.quick else later
@@ -500,7 +504,7 @@ def ddp(check: Check) -> dict[str, Any]:
     instantiate(cfg.data.datamodule.train_dataset)
     rows = []
     for devices in (1, gpus):
-        out = check.args.out / f"ddp-{devices}.json"
+        out = check.work / f"ddp-{devices}.json"
         command = [
             sys.executable,
             str(SCRIPTS / "bench_train.py"),
@@ -783,6 +787,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-images", type=int, default=5000)
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache", help="shapes data")
     parser.add_argument(
+        "--work-dir", type=Path, help="run folders, kept (default: a temporary folder, removed)"
+    )
+    parser.add_argument(
         "--sections",
         nargs="+",
         choices=[n for n, _, _ in SECTIONS],
@@ -835,6 +842,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, goal in check.summary["goals"].items():
         verdict = {True: "met", False: "NOT met", None: "not judged"}[goal["met"]]
         check.log(f"goal: {name}: {verdict} ({goal['detail']})")
+    if args.work_dir is None:
+        shutil.rmtree(check.work, ignore_errors=True)
     check.log(f"gpu_check: done in {check.elapsed():.0f} s; summary in {args.out}")
     return check.summary
 

@@ -48,9 +48,11 @@ def test_step_times_window_waits_and_gap() -> None:
     times.created = 0.0
     times.starts = [0.5, 1.2, 2.1, 3.3, 4.1]
     times.ends = [1.0, 2.0, 3.0, 4.0, 5.0]  # window: 2.0 -> 5.0, 3 steps
+    times.cpu_ends = [0.5, 1.0, 1.5, 2.0, 2.5]  # half a CPU second per step
     waits = [(0.1, 0.5), (2.0, 2.1), (3.1, 3.3), (5.5, 6.0)]  # first and last outside
     out = times.summary(images_per_step=8, waits=waits)
     assert out["images_per_s"] == pytest.approx(8 * 3 / 3.0)
+    assert out["images_per_cpu_s"] == pytest.approx(8 * 3 / 1.5)
     assert out["step_ms"] == pytest.approx(1000.0)
     assert out["data_wait"] == pytest.approx((0.1 + 0.2) / 3.0)
     assert out["gap"] == pytest.approx((0.1 + 0.3 + 0.1) / 3.0)
@@ -108,7 +110,8 @@ def test_goals_judged_on_the_fastest_bf16_run() -> None:
 
 def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path: Path) -> None:
     gpu_check = script("gpu_check")
-    check = gpu_check.Check(gpu_check.parse_args(["--quick", "--cpu", "--out", str(tmp_path)]))
+    options = ["--quick", "--cpu", "--out", str(tmp_path), "--work-dir", str(tmp_path / "work")]
+    check = gpu_check.Check(gpu_check.parse_args(options))
     check.section("broken", lambda c: {"value": 1 / 0}, needs_gpu=False)
     check.section("fine", lambda c: {"value": 1}, needs_gpu=False)
     check.section("gpu only", lambda c: {"value": 2}, needs_gpu=True)
@@ -139,10 +142,16 @@ def test_bench_train_tiny_run(tmp_path: Path) -> None:
         "torchvision / device",
     }
     for row in result["medians"].values():
-        assert row["images_per_s"] > 0 and 0 <= row["data_wait"] < 1
+        assert row["images_per_s"] > 0 and row["images_per_cpu_s"] > 0
+        assert 0 <= row["data_wait"] < 1
+    assert set(result["ratios"]) == {
+        "lightning / device vs plain / device",
+        "torchvision / device vs plain / device",
+        "lightning / device vs torchvision / device",
+    }
     assert result["config"]["batch_size"] == 8 and result["config"]["image_size"] == 96
     assert "Lightning within 5% of the plain loop (assign on device)" in printed
-    assert "ours (Lightning) at least as fast as torchvision" in printed
+    assert "lightning / device vs torchvision / device:" in printed
     assert {p.name for p in tmp_path.iterdir()} == {"result.json", "runs", "cache"}
 
 
@@ -151,7 +160,7 @@ def test_gpu_check_without_gpu_writes_its_summary(tmp_path: Path) -> None:
     out = tmp_path / "check"
     printed = run_script(
         "gpu_check", "--quick", "--cpu", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-        cwd=tmp_path,
+        "--work-dir", str(tmp_path / "work"), cwd=tmp_path,
     )  # fmt: skip
     summary = json.loads((out / "gpu_check.json").read_text())
     sections = summary["sections"]
@@ -165,7 +174,8 @@ def test_gpu_check_without_gpu_writes_its_summary(tmp_path: Path) -> None:
     assert summary["goals"]["all"]["met"] is None
     text = (out / "gpu_check.md").read_text()
     assert "| training | skipped |" in text and "## Evaluation" in text
-    assert {p.name for p in tmp_path.iterdir()} == {"check", "cache"}
+    assert {p.name for p in out.iterdir()} == {"gpu_check.json", "gpu_check.md"}
+    assert {p.name for p in tmp_path.iterdir()} <= {"check", "cache", "work"}
 
 
 @pytest.mark.slow
@@ -174,7 +184,8 @@ def test_gpu_sections_run_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "check"
     run_script(
         "gpu_check", "--quick", "--cpu", "--gpu-sections-on-cpu", "--configs", "fp32",
-        "--out", str(out), "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path,
+        "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+        "--work-dir", str(tmp_path / "work"), cwd=tmp_path,
     )  # fmt: skip
     sections = json.loads((out / "gpu_check.json").read_text())["sections"]
     assert all(s["status"] == "ok" for s in sections.values()), sections
