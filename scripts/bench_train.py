@@ -12,8 +12,8 @@ assigns the batch after the transfer):
 - plain: a hand-written loop over the same loader training the same network (same seed, same
   weights) with the same loss, optimiser and schedule: to device, (normalise and assign on the
   device,) forward and loss under the same autocast, zero_grad, backward, step.
-- plain-cached (``--paths``): the plain step on a few batches kept on the device, no loader:
-  the compute bound of the step.
+- plain-cached (``--paths``): the plain step on a few batches kept on the device (targets
+  assigned once), no loader: the compute bound of the step.
 - torchvision: ``torchvision.models.detection`` SSD trained with its own transform, matcher and
   loss (list of images in [0, 1], targets as a list of dicts of pixel boxes), fed by the
   device-assignment loader (it needs the GT boxes, which the worker path replaces by targets).
@@ -466,8 +466,7 @@ def torchvision_model(module: SSDModule, cfg: DictConfig, full: bool) -> nn.Modu
     torch.manual_seed(int(cfg.seed))
     if full:
         return ssd300_vgg16(weights=None, weights_backbone=None, num_classes=classes)
-    size = module.hparams.image_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = to_pair(module.hparams.image_size)
     by_count = {4: [2], 6: [2, 3]}  # torchvision: 2 + 2 x len(ratios) boxes per location
     if any(k not in by_count for k in module.net.num_boxes):
         raise ValueError(f"no torchvision aspect ratios give {module.net.num_boxes} boxes")
@@ -795,6 +794,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and print the report; returns everything measured."""
     args = parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the datasets' image checks at every setup
     quiet()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,8 +19,8 @@ measured; progress lines carry the clock and the seconds since the start):
   ``--warmup`` untimed steps (compile and cuDNN autotuning happen there and are reported as the
   first step's and the warm-up's seconds), then ``--steps`` timed steps; images/s, step ms, the
   share of the time blocked on the loader, CUDA ``max_memory_allocated``. Then the compute bound
-  (the plain step on 4 batches kept on the GPU, bf16 + channels_last) and torchvision's
-  ``ssd300_vgg16`` trained with its own loss in bf16 on the same loader, for reference.
+  (the plain step on 4 batches kept on the GPU, targets assigned once, bf16 + channels_last)
+  and torchvision's ``ssd300_vgg16`` trained with its own loss in bf16 on the same loader.
 - data_pipeline: the training loader alone (workers decode, augment, collate; with and
   without the GT assignment in the workers), one worker per CPU core, images/s.
 - postprocess (GPU): ``PostProcessor`` (what ``SSDModule.postprocess`` is) vs torchvision's
@@ -821,6 +821,7 @@ SECTIONS = (
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the check; returns the summary (also written as JSON and Markdown)."""
     args = parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the datasets' image checks at every setup
     if str(SCRIPTS) not in sys.path:  # the sibling benchmark scripts
         sys.path.insert(0, str(SCRIPTS))
     check = Check(args)
