@@ -245,21 +245,26 @@ def data(check: Check) -> dict[str, Any]:
 
 def training(check: Check) -> dict[str, Any]:
     """The Lightning loop in every configuration, then the compute bound and torchvision."""
+    network = "tiny (--quick)" if check.args.quick else "SSD300-VGG16, 300x300"
+    runs = [*lightning_runs(check), *reference_runs(check)]
+    return {"runs": runs, "batch_size": check.args.batch_size, "network": network}
+
+
+def lightning_runs(check: Check) -> list[dict[str, Any]]:
+    """ssd-train's loop in each configuration, GT assigned on the device and in the workers."""
     import bench_train
 
-    runs: list[dict[str, Any]] = []
+    rows = []
     for name, precision, channels_last, compiled in TRAIN_CONFIGS:
         if name not in check.args.configs:
             continue
+        flags = [
+            *("--precision", precision),
+            "--channels-last" if channels_last else "--no-channels-last",
+            *(["--compile"] if compiled else []),
+        ]
         for assign_on in ASSIGN:
             label = f"{name}, assign on {assign_on}"
-            flags = [
-                "--precision",
-                precision,
-                "--channels-last" if channels_last else "--no-channels-last",
-            ]
-            if compiled:
-                flags.append("--compile")
             row = {
                 "config": name,
                 "precision": precision,
@@ -268,19 +273,23 @@ def training(check: Check) -> dict[str, Any]:
                 "assign_on": assign_on,
                 "path": "lightning",
             }
-            runs.append(row)
-            if check.left() < RUN_COST_S[compiled] + reserve(check):
-                row["skipped"] = f"not enough time left ({check.left():.0f} s)"
-                check.log(f"training: {label}: skipped, {row['skipped']}")
-                continue
-            args = check.bench_args(*flags)
-            cfg = bench_train.run_config(bench_train.compose(args, assign_on), slug(label))
-            guarded(
-                check, row, label, functools.partial(bench_train.run_lightning, cfg, *steps(check))
-            )
+            rows.append(row)
+            if fits(check, row, label, RUN_COST_S[compiled]):
+                cfg = bench_train.compose(check.bench_args(*flags), assign_on)
+                cfg = bench_train.run_config(cfg, slug(label))
+                guarded(check, row, label, functools.partial(bench_train.run_lightning, cfg))
+    return rows
+
+
+def reference_runs(check: Check) -> list[dict[str, Any]]:
+    """bf16 + channels_last: the plain step on batches kept on the GPU (the compute bound), and
+    torchvision's SSD300 with its own loss on the same loader."""
+    import bench_train
+
+    rows = []
     extras = (
         ("compute bound: plain step on 4 batches kept on the GPU", "plain-cached"),
-        ("torchvision ssd300_vgg16, its loss and transform", "torchvision"),
+        ("torchvision ssd300_vgg16 (--quick: SSD around our backbone), its loss", "torchvision"),
     )
     for label, path in extras:
         row = {
@@ -292,28 +301,26 @@ def training(check: Check) -> dict[str, Any]:
             "path": path,
             "label": label,
         }
-        runs.append(row)
-        if check.left() < RUN_COST_S[False] + reserve(check):
-            row["skipped"] = f"not enough time left ({check.left():.0f} s)"
-            check.log(f"training: {label}: skipped, {row['skipped']}")
+        rows.append(row)
+        if not fits(check, row, label, RUN_COST_S[False]):
             continue
         args = check.bench_args("--precision", "bf16-mixed", "--channels-last")
         cfg = bench_train.run_config(bench_train.compose(args, "device"), path)
         if path == "plain-cached":
-            run = functools.partial(bench_train.run_plain, cfg, *steps(check), cached=True)
+            run = functools.partial(bench_train.run_plain, cfg, cached=True)
         else:
-            full = not check.args.quick
-            run = functools.partial(bench_train.run_torchvision, cfg, *steps(check), full)
+            run = functools.partial(bench_train.run_torchvision, cfg, full=not check.args.quick)
         guarded(check, row, label, run)
-    return {
-        "runs": runs,
-        "batch_size": check.args.batch_size,
-        "network": "tiny (--quick)" if check.args.quick else "SSD300-VGG16, 300x300",
-    }
+    return rows
 
 
-def steps(check: Check) -> tuple[int, int]:
-    return check.args.warmup, check.args.steps
+def fits(check: Check, row: dict[str, Any], label: str, cost: float) -> bool:
+    """Whether a run of ``cost`` seconds fits the time left (else recorded as skipped)."""
+    if check.left() >= cost + reserve(check):
+        return True
+    row["skipped"] = f"not enough time left ({check.left():.0f} s)"
+    check.log(f"training: {label}: skipped, {row['skipped']}")
+    return False
 
 
 def reserve(check: Check) -> float:
@@ -324,10 +331,11 @@ def reserve(check: Check) -> float:
     return 0.0 if check.args.quick else later
 
 
-def guarded(check: Check, row: dict[str, Any], label: str, run: Callable[[], dict]) -> None:
-    """One run into ``row`` (its error recorded there, not raised)."""
+def guarded(check: Check, row: dict[str, Any], label: str, run: Callable[..., dict]) -> None:
+    """One run of ``--warmup`` + ``--steps`` steps into ``row`` (its error recorded there, not
+    raised)."""
     try:
-        row.update(run())
+        row.update(run(warmup=check.args.warmup, steps=check.args.steps))
         check.log(
             f"training: {label}: {row['images_per_s']:7.0f} images/s, step {row['step_ms']:.1f} "
             f"ms, data wait {row['data_wait']:.1%}, peak {row['peak_mib'] / 1024:.2f} GiB, first "
@@ -599,68 +607,28 @@ def judge_goals(sections: dict[str, Any], gpu: str) -> dict[str, dict[str, Any]]
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    """The summary as Markdown: environment, one table per section, goals, errors."""
+    """The summary as Markdown: environment, sections' status, one table per section, goals."""
     s = summary["sections"]
     env = s.get("environment", {})
-    lines = [f"# GPU check {summary['started']}", "", f"`{summary['command']}`", ""]
     gpus = ", ".join(f"{g['name']} ({g['memory_gib']} GiB)" for g in env.get("gpus", []))
-    lines.append(
+    lines = [
+        f"# GPU check {summary['started']}",
+        "",
+        f"`{summary['command']}`",
+        "",
         f"GPUs: {gpus or 'none'}; driver {env.get('driver')}; torch {env.get('torch')} "
         f"(CUDA {env.get('cuda_runtime')}, cuDNN {env.get('cudnn')}); "
         f"{env.get('cpus')} CPUs, load {fmt(env.get('load_average', [None])[0])}; "
-        f"commit {env.get('git_commit')}; {summary.get('elapsed_s')} s in all"
-    )
-    lines += ["", "| section | status | seconds | note |", "| --- | --- | --- | --- |"]
-    for name, rec in s.items():
-        note = rec.get("reason") or rec.get("error") or ""
-        lines.append(f"| {name} | {rec['status']} | {rec.get('seconds', '')} | {note} |")
-    train = s.get("training", {})
-    if train.get("runs"):
-        lines += [
-            "",
-            f"## Training, {train['network']}, batch {train['batch_size']}",
-            "",
-            "| configuration | path | assign on | images/s | step ms | data wait | peak GiB "
-            "| first step s | warm-up s | workers |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for r in train["runs"]:
-            head = f"| {r['config']} | {r['path']} | {r['assign_on']} "
-            if "images_per_s" not in r:
-                lines.append(head + f"| {r.get('skipped') or r.get('error')} | | | | | | |")
-                continue
-            lines.append(
-                head + f"| {r['images_per_s']:.0f} | {r['step_ms']:.1f} "
-                f"| {r['data_wait']:.1%} | {r['peak_mib'] / 1024:.2f} "
-                f"| {r['first_step_s']:.1f} | {r['warmup_s']:.1f} | {r['workers']} |"
-            )
-    pipe = s.get("data_pipeline", {})
-    if pipe.get("runs"):
-        lines += [
-            "",
-            f"## Data pipeline, {pipe['image_size']} px, batch {pipe['batch_size']}",
-            "",
-            "| assignment | workers | images/s |",
-            "| --- | ---: | ---: |",
-        ]
-        for r in pipe["runs"]:
-            where = "in the workers" if r["assign_on"] == "worker" else "on the device (not here)"
-            lines.append(f"| {where} | {r['workers']} | {r['images_per_s']:.0f} |")
-    post = s.get("postprocess", {})
-    if post.get("runs"):
-        lines += [
-            "",
-            f"## Post-processing on {post['device']}, batch {post['batch']}",
-            "",
-            "| workload | classes | ours ms | torchvision ms | speed-up | same |",
-            "| --- | ---: | ---: | ---: | ---: | --- |",
-        ]
-        for r in post["runs"]:
-            lines.append(
-                f"| {r['workload']} | {r['classes']} | {r['ours_ms']:.2f} "
-                f"| {r['torchvision_ms']:.2f} | {r['speedup']:.1f}x "
-                f"| {r['same_detections']} |"
-            )
+        f"commit {env.get('git_commit')}; {summary.get('elapsed_s')} s in all",
+    ]
+    status = [
+        [n, r["status"], r.get("seconds", ""), r.get("reason") or r.get("error") or ""]
+        for n, r in s.items()
+    ]
+    lines += table("", ["section", "status", "seconds", "note"], status)
+    for name, render in MARKDOWN_TABLES.items():
+        if s.get(name, {}).get("status") == "ok" and s[name].get("runs"):
+            lines += render(s[name])
     ev = s.get("evaluation", {})
     if "seconds_per_5k" in ev:
         lines += [
@@ -671,26 +639,101 @@ def markdown(summary: dict[str, Any]) -> str:
             f"update {ev['update_s']:.1f} s + compute {ev['compute_s']:.1f} s = "
             f"**{ev['seconds_per_5k']:.1f} s per 5k images**",
         ]
-    scaling = s.get("ddp", {})
-    if "efficiency" in scaling:
-        lines += [
-            "",
-            "## DDP",
-            "",
-            "| GPUs | images/s | per GPU | data wait |",
-            "| ---: | ---: | ---: | ---: |",
-        ]
-        for r in scaling["runs"]:
-            lines.append(
-                f"| {r['devices']} | {r['images_per_s']:.0f} | {r['per_gpu']:.0f} "
-                f"| {r['data_wait']:.1%} |"
-            )
-        lines.append(f"\nefficiency: {scaling['efficiency']:.1%}")
     lines += ["", "## Goals", ""]
     for name, goal in summary.get("goals", {}).items():
         verdict = {True: "met", False: "NOT met", None: "not judged"}[goal["met"]]
         lines.append(f"- {name}: **{verdict}** ({goal['detail']})")
     return "\n".join(lines) + "\n"
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Markdown lines of a table (numbers right-aligned), under a ``##`` title if given."""
+    numeric = [all(isinstance(r[i], int | float) for r in rows) for i in range(len(header))]
+    lines = ["", f"## {title}", ""] if title else [""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("| " + " | ".join("---:" if n else "---" for n in numeric) + " |")
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def training_table(rec: dict[str, Any]) -> list[str]:
+    header = [
+        "configuration",
+        "path",
+        "assign on",
+        "images/s",
+        "step ms",
+        "data wait",
+        "peak GiB",
+        "first step s",
+        "warm-up s",
+        "workers",
+    ]
+    rows = []
+    for r in rec["runs"]:
+        head = [r["config"], r["path"], r["assign_on"]]
+        if "images_per_s" not in r:
+            rows.append([*head, r.get("skipped") or r.get("error"), *[""] * 6])
+            continue
+        rows.append(
+            [
+                *head,
+                round(r["images_per_s"]),
+                round(r["step_ms"], 1),
+                f"{r['data_wait']:.1%}",
+                round(r["peak_mib"] / 1024, 2),
+                round(r["first_step_s"], 1),
+                round(r["warmup_s"], 1),
+                r["workers"],
+            ]
+        )
+    return table(f"Training, {rec['network']}, batch {rec['batch_size']}", header, rows)
+
+
+def pipeline_table(rec: dict[str, Any]) -> list[str]:
+    where = {"worker": "in the workers", "device": "on the device (not in the loader)"}
+    rows = [[where[r["assign_on"]], r["workers"], round(r["images_per_s"])] for r in rec["runs"]]
+    title = f"Data pipeline, {rec['image_size']} px, batch {rec['batch_size']}"
+    return table(title, ["GT assignment", "workers", "images/s"], rows)
+
+
+def postprocess_table(rec: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            r["workload"],
+            r["classes"],
+            round(r["ours_ms"], 2),
+            round(r["torchvision_ms"], 2),
+            f"{r['speedup']:.1f}x",
+            r["same_detections"],
+        ]
+        for r in rec["runs"]
+    ]
+    header = ["workload", "classes", "ours ms", "torchvision ms", "speed-up", "same"]
+    return table(f"Post-processing on {rec['device']}, batch {rec['batch']}", header, rows)
+
+
+def ddp_table(rec: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            r["devices"],
+            round(r["images_per_s"]),
+            round(r["per_gpu"]),
+            f"{r['data_wait']:.1%}",
+            r["workers_per_gpu"],
+        ]
+        for r in rec["runs"]
+    ]
+    header = ["GPUs", "images/s", "per GPU", "data wait", "workers per GPU"]
+    return [*table("DDP", header, rows), "", f"efficiency: {rec['efficiency']:.1%}"]
+
+
+MARKDOWN_TABLES = {
+    "training": training_table,
+    "data_pipeline": pipeline_table,
+    "postprocess": postprocess_table,
+    "ddp": ddp_table,
+}
 
 
 # ---------------------------------------------------------------- helpers
