@@ -5,6 +5,9 @@ augmented (photometric distortion, zoom-out to 4x on the mean colour, IoU random
 resize to 300x300, normalise) and encoded against the 8732 SSD300 default boxes.
 
 - ours: ``VOCDataset`` (OpenCV decode) -> ``build_train_transform`` -> ``SSDTargetAssigner``.
+- ours, GT assigned on the GPU (``data.assign_on=device``, the GPU default): the same decode
+  and augmentation ending in a uint8 tensor, no assignment (the GPU does it per batch). Its
+  per-core rate gives the CPU cores a GPU needs for 2,000 training images/s.
 - reference: ``torchvision.io.decode_jpeg`` -> torchvision.transforms.v2 (RandomPhotometricDistort,
   RandomZoomOut(fill=mean), RandomIoUCrop, SanitizeBoundingBoxes, RandomHorizontalFlip,
   Resize((300, 300)), ToDtype, Normalize) -> the same ``SSDBoxCoder.encode``.
@@ -40,6 +43,7 @@ from ssd_lightning.encoder import SSDBoxCoder
 REPO = Path(__file__).resolve().parents[1]
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 SSD300_FEATURE_MAPS = (38, 19, 10, 5, 3, 1)  # VGG16 SSD300 source maps (as the model measures)
+TARGET_RATE = 2000  # training images/s of one GPU (the GPU check's goal)
 
 
 def ours_pipeline(dataset: VOCDataset, coder: SSDBoxCoder, size: int, args: argparse.Namespace):
@@ -52,6 +56,19 @@ def ours_pipeline(dataset: VOCDataset, coder: SSDBoxCoder, size: int, args: argp
         out = transform(dataset[index])
         _, labels = assigner(out["boxes"], out["labels"], out["iscrowd"], (size, size))
         return int(labels.shape[0])
+
+    return run
+
+
+def device_assignment_pipeline(dataset: VOCDataset, size: int, args: argparse.Namespace):
+    """What a worker does when the GPU assigns the targets: decode, augment, uint8 tensor."""
+    transform = build_train_transform(
+        size, IMAGENET_MEAN, IMAGENET_STD, crop_trials=args.crop_trials, crop_iou_rule=args.rule,
+        normalize=False,
+    )  # fmt: skip
+
+    def run(index: int) -> int:
+        return int(transform(dataset[index])["image"].shape[-1])
 
     return run
 
@@ -144,6 +161,14 @@ def main() -> None:
         f"ours        : {ours['cpu']:7.1f} images/s per core (CPU time), "
         f"{ours['wall']:7.1f} wall, median of {args.passes}"
     )
+    device = time_passes(device_assignment_pipeline(dataset, args.image_size, args), indices,
+                         args.passes)  # fmt: skip
+    print(
+        f"ours, GT on the GPU: {device['cpu']:7.1f} images/s per core (CPU time), "
+        f"{device['wall']:7.1f} wall (decode + augment, uint8; data.assign_on=device)"
+    )
+    for name, rate in (("GT on the GPU", device["cpu"]), ("GT in the workers", ours["cpu"])):
+        print(f"CPU cores for {TARGET_RATE:,} training images/s, {name}: {TARGET_RATE / rate:.1f}")
     if not args.skip_reference:
         ref = time_passes(
             torchvision_pipeline(dataset, coder, args.image_size), indices, args.ref_passes

