@@ -13,7 +13,21 @@ from torchvision.models.detection.ssd import SSD
 
 from ssd_lightning.anchors import DefaultBoxes
 from ssd_lightning.encoder import SSDBoxCoder
-from ssd_lightning.loss import MultiBoxLoss
+from ssd_lightning.loss import MultiBoxLoss as _MultiBoxLoss
+
+# Every test runs both ways of gathering the terms: fixed shapes (the GPU default) and the
+# gathered rows (the CPU default); they must give the same loss.
+FIXED_SHAPES = [False]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["gathered", "fixed"])
+def fixed_shapes(request):
+    FIXED_SHAPES[0] = request.param
+    return request.param
+
+
+def MultiBoxLoss(*args, **kwargs) -> _MultiBoxLoss:
+    return _MultiBoxLoss(*args, fixed_shapes=FIXED_SHAPES[0], **kwargs)
 
 
 def reference_loss(loc_pred, cls_logits, loc_targets, labels, ratio=3.0, min_neg=0, num_pos=None):
