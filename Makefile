@@ -40,6 +40,8 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_data.py
 	$(BIN)/python scripts/bench_inference.py
 	$(BIN)/python scripts/bench_eval.py
+	$(BIN)/python scripts/bench_error_analysis.py
+	$(BIN)/python scripts/bench_train.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .cache
