@@ -211,6 +211,8 @@ def test_settings_average_seeds_and_judge_noise_by_a_pooled_t_test(tmp_path: Pat
     assert "Rule: A setting differs from the best one when a two-sided t-test" in text
     assert "pooled, 5 degrees of freedom" in text and "**Runs" not in text
     assert (root / "report" / "mAP_vs_anchor_coverage.png").read_bytes()[:8] == PNG_MAGIC
+    plots = sorted(p.name for p in (root / "report").glob("*.png"))
+    assert plots == ["mAP_vs_anchor_coverage.png", "mAP_vs_anchors.s_min.png"]  # no mAP vs seed
 
 
 def test_runs_with_one_fingerprint_are_flagged_in_bold(tmp_path: Path) -> None:

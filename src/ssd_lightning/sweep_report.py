@@ -320,7 +320,8 @@ def _cell(value: Any, decimals: int) -> str:
 
 
 def plot_swept(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One PNG per swept parameter: best mAP and mAP_50 of every finished run against it."""
+    """One PNG per swept parameter: best mAP and mAP_50 of every finished run against it
+    (``seed`` only when nothing else is swept: its replicates are in the coverage plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,7 +329,8 @@ def plot_swept(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     done = [r for r in records if r["status"] == "finished"]
     paths = []
-    for key in swept_keys(records):
+    keys = swept_keys(records)
+    for key in [k for k in keys if k != "seed"] or keys:
         values = [r["overrides"].get(key, "") for r in done]
         numbers = [_number(v) for v in values]
         numeric = all(n is not None for n in numbers)
