@@ -381,7 +381,10 @@ def plot_coverage(ranked: Sequence[Setting], path: Path) -> Path | None:
                     xytext=(4, 4), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("anchor coverage of the training boxes (%, best IoU >= 0.5)")
     ax.set_ylabel("best validation mAP (mean ± seed std)")
-    ax.set_title("Did coverage predict the winner? (red: best, blue: within noise)", fontsize=9)
+    ax.set_title(
+        "Did coverage predict the winner? (red: best, blue: within noise, grey: worse)", fontsize=9
+    )
+    ax.margins(x=0.25)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
