@@ -119,6 +119,15 @@ def test_encode_decode_round_trip():
     torch.testing.assert_close(coder.decode(torch.zeros(1, 8732, 4))[0], SSD300.xyxy)
 
 
+def test_decoding_some_default_boxes_equals_decoding_all():
+    coder = SSDBoxCoder(SSD300.cxcywh)
+    gen = torch.Generator().manual_seed(4)
+    loc = torch.randn(2, 8732, 4, generator=gen)
+    anchors = torch.randint(0, 8732, (2, 50), generator=gen)
+    some = coder.decode(loc.gather(1, anchors[..., None].expand(-1, -1, 4)), anchors)
+    torch.testing.assert_close(some, coder.decode(loc)[torch.arange(2)[:, None], anchors])
+
+
 def test_decode_never_overflows():
     coder = SSDBoxCoder(SSD300.cxcywh)
     boxes = coder.decode(torch.full((2, 8732, 4), 1e4))

@@ -28,7 +28,7 @@ TV_DEFAULTS = {"score_thresh": 0.01, "nms_thresh": 0.45, "topk_candidates": 200}
 class BoxesAsOffsets:
     """Test coder whose 'offsets' already are normalised xyxy boxes."""
 
-    def decode(self, loc: torch.Tensor) -> torch.Tensor:
+    def decode(self, loc: torch.Tensor, anchors: torch.Tensor | None = None) -> torch.Tensor:
         return loc
 
 

@@ -283,14 +283,21 @@ class SSDBoxCoder(nn.Module):
         loc, labels = self.encode_batch(gt_boxes[None].float(), gt_labels[None].long(), valid)
         return loc[0], labels[0]
 
-    def decode(self, loc: Tensor) -> Tensor:
+    def decode(self, loc: Tensor, anchors: Tensor | None = None) -> Tensor:
         """Inverse of the encoding: predicted offsets to normalised xyxy boxes.
 
+        Args:
+            loc: Offsets against every default box, or against the boxes ``anchors`` indexes.
+            anchors: Default box of every row of ``loc`` (None: all, in order).
+
         Shape:
-            loc: (B, A, 4) (or (A, 4)); returns the same shape, xyxy normalised.
+            loc: (B, A, 4) (or (A, 4)), or (B, T, 4) with anchors (B, T); returns loc's shape,
+            xyxy normalised.
         """
         d = self.default_boxes.to(device=loc.device, dtype=loc.dtype)
+        if anchors is not None:
+            d = d[anchors]  # (B, T, 4)
         v0, v1 = self.variances
-        centre = d[:, :2] + loc[..., :2] * v0 * d[:, 2:]
-        size = d[:, 2:] * torch.exp((loc[..., 2:] * v1).clamp(max=MAX_LOG_SCALE))
+        centre = d[..., :2] + loc[..., :2] * v0 * d[..., 2:]
+        size = d[..., 2:] * torch.exp((loc[..., 2:] * v1).clamp(max=MAX_LOG_SCALE))
         return torch.cat([centre - size / 2, centre + size / 2], dim=-1)

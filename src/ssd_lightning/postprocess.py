@@ -39,8 +39,9 @@ NMS_SLICE = 256
 class BoxDecoder(Protocol):
     """What the post-processor needs of a box coder (``ssd_lightning.encoder.SSDBoxCoder``)."""
 
-    def decode(self, loc: Tensor) -> Tensor:
-        """(B, A, 4) offsets -> (B, A, 4) normalised xyxy boxes."""
+    def decode(self, loc: Tensor, anchors: Tensor | None = None) -> Tensor:
+        """(B, A, 4) offsets -> (B, A, 4) normalised xyxy boxes; with ``anchors`` (B, T) the
+        default box of every row, (B, T, 4) -> (B, T, 4)."""
         ...
 
 
@@ -48,14 +49,14 @@ class Scores(NamedTuple):
     """A batch's outputs, computed once for all passes (``PostProcessor.score``).
 
     Shape:
-        values (r, C), best (B, A), row_of (B, A) as from ``class_scores``; boxes (B, A, 4)
-        normalised xyxy; sizes (B, 2) original (h, w)
+        values (r, C), best (B, A), row_of (B, A) as from ``class_scores``; loc (B, A, 4) float
+        offsets (decoded for the pool's anchors only); sizes (B, 2) original (h, w)
     """
 
     values: Tensor
     best: Tensor
     row_of: Tensor
-    boxes: Tensor
+    loc: Tensor
     sizes: Tensor
 
     def images(self, index: Tensor) -> Scores:
@@ -161,11 +162,10 @@ class PostProcessor:
     def score(
         self, loc: Tensor, cls_logits: Tensor, image_sizes: Tensor, export: bool = False
     ) -> Scores:
-        """Decoded boxes and class scores, inputs as for ``__call__``."""
+        """Class scores, inputs as for ``__call__``."""
         values, best, row_of = class_scores(cls_logits.float(), self.score_threshold, not export)
-        boxes = self.box_coder.decode(loc.float())  # (B, A, 4) normalised xyxy
-        sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)
-        return Scores(values, best, row_of, boxes, sizes)
+        sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=loc.device)
+        return Scores(values, best, row_of, loc.float(), sizes)
 
     def search(self, scores: Scores, pool: int, export: bool = False) -> Pool:
         """The detections among the ``pool`` best (anchor, class) pairs of every image.
@@ -183,7 +183,8 @@ class PostProcessor:
         score, pair = pairs.topk(min(pool, pairs.shape[1]), dim=1)  # (B, T) best first
         anchor = anchor.gather(1, torch.div(pair, num_classes, rounding_mode="floor"))
         labels = pair % num_classes
-        boxes = scores.boxes.gather(1, anchor[..., None].expand(-1, -1, 4)).clamp_(0.0, 1.0)
+        loc = scores.loc.gather(1, anchor[..., None].expand(-1, -1, 4))
+        boxes = self.box_coder.decode(loc, anchor).clamp_(0.0, 1.0)  # (B, T, 4) normalised
 
         # Candidates by (image, class), then decreasing score: the pool is by decreasing
         # score, so sort by (class, position in the pool).
