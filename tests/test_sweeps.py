@@ -117,7 +117,9 @@ def test_cli_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path) -> None:
         [*command[:-2], "anchors.s_min=0.1", "data.num_workers=1,2", "dry_run=false"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert refused.returncode != 0 and "data.num_workers change nothing here" in refused.stderr
+    assert refused.returncode == 1 and "data.num_workers change nothing here" in refused.stderr
+    assert "DuplicateRunsError" in refused.stderr and "Launching" not in refused.stderr
+    assert not (tmp_path / "multi" / "0").exists()  # no job started
 
 
 def test_relaunch_is_checked_against_the_sweep_folder(tmp_path: Path, capsys) -> None:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -256,7 +257,13 @@ class SweepCheckCallback(Callback):
     ``dry_run=true`` it prints the plan and ends the process instead of training."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_sweep(config)
+        # Hydra turns a callback's exception into a warning and launches the jobs anyway, so
+        # a refused sweep ends the process here: the error on stderr, exit status 1.
+        try:
+            check_sweep(config)
+        except Exception as e:
+            print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from e
         if config.get("dry_run"):
             raise SystemExit(0)
 
