@@ -102,7 +102,8 @@ class DetectionDataset(Dataset):
         paths = [records.path(i) for i in range(len(records))]
         bar = tqdm(
             total=len(paths), desc="checking images", unit="img", leave=False,
-            disable=len(paths) < 2000 or os.environ.get("LOCAL_RANK", "0") != "0",
+            disable=len(paths) < 2000 or os.environ.get("LOCAL_RANK", "0") != "0"
+            or bool(os.environ.get("TQDM_DISABLE")),  # read at tqdm import, before scripts set it
         )  # fmt: skip
         limit = self.max_image_pixels
 
