@@ -93,6 +93,7 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
 
 from ssd_lightning.config import compose_config
+from ssd_lightning.data.datamodule import SSDDataModule
 from ssd_lightning.ddp import launched_local_ranks
 from ssd_lightning.module import SSDModule
 from ssd_lightning.optim import param_groups
@@ -397,16 +398,22 @@ class PlainStep:
             self.scheduler.step()
 
 
-def run_plain(
-    cfg: DictConfig, warmup: int, steps: int, cached: bool = False, loss: nn.Module | None = None
-) -> dict[str, Any]:
-    """The hand-written loop over the same loader (or over batches cached on the device)."""
+def fit_setup(cfg: DictConfig) -> tuple[SSDModule, SSDDataModule, torch.device]:
+    """The seeded module, its DataModule set up for fitting, and the device (cuDNN autotuning as
+    Lightning sets it): the start of the hand-written paths."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     datamodule.setup("fit")
-    device = device_of(cfg)
-    torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark"))  # as Lightning sets it
+    torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark"))
+    return module, datamodule, device_of(cfg)
+
+
+def run_plain(
+    cfg: DictConfig, warmup: int, steps: int, cached: bool = False, loss: nn.Module | None = None
+) -> dict[str, Any]:
+    """The hand-written loop over the same loader (or over batches cached on the device)."""
+    module, datamodule, device = fit_setup(cfg)
     module.to(device)
     module.train()
     if loss is not None:  # a loss of another revision, with the optimiser it had (unfused)
@@ -479,12 +486,7 @@ def run_torchvision(cfg: DictConfig, warmup: int, steps: int, full: bool) -> dic
     """torchvision's SSD with its own transform and loss, fed by the same loader (GT boxes)."""
     if cfg.data.assign_on != "device":
         raise ValueError("the torchvision path reads GT boxes: compose it with assign_on=device")
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    module = build_module(cfg)
-    datamodule = build_datamodule(cfg, module)
-    datamodule.setup("fit")
-    device = device_of(cfg)
-    torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark"))  # as Lightning sets it
+    module, datamodule, device = fit_setup(cfg)
     model = torchvision_model(module, cfg, full).to(device).train()
     if cfg.module.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -388,6 +388,22 @@ def _pause(step: int, folder: Path, tag: str = "run", only: str | None = None) -
     return args if only is None else [*args, f"+callbacks.pause.only={only}"]
 
 
+def _stop_when_paused(
+    command: list[str], cwd: Path, env: dict, folder: Path, tag: str, sig: int, ranks: int = 1
+) -> tuple[int, str]:
+    """Run ``command`` until its ranks pause at their step (``_pause``), send ``sig`` to the
+    process, let it go on once rank 0 has seen the signal; its exit code and output."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    for rank in range(ranks):
+        _wait_for(folder / f"paused-{tag}-rank{rank}", process)
+    process.send_signal(sig)
+    _wait_for(folder / f"signalled-{tag}-rank0", process)
+    (folder / f"go-{tag}").touch()
+    output = process.communicate(timeout=300)[0]
+    return process.returncode, output
+
+
 def test_cli_slurm_time_limit_signal_requeues_and_the_requeued_job_resumes(
     reference: dict, tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -398,14 +414,8 @@ def test_cli_slurm_time_limit_signal_requeues_and_the_requeued_job_resumes(
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "3"}
     env = _env(PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", **slurm)
     command = _cli(tmp_path, cache_dir, *_pause(2, tmp_path))
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    _wait_for(tmp_path / "paused-run-rank0", process)
-    process.send_signal(signal.SIGUSR1)
-    _wait_for(tmp_path / "signalled-run-rank0", process)
-    (tmp_path / "go-run").touch()
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 75, output[-3000:]
+    code, output = _stop_when_paused(command, tmp_path, env, tmp_path, "run", signal.SIGUSR1)
+    assert code == 75, output[-3000:]
     run = tmp_path / "logs" / "tiny" / "runs" / "slurm-4200_3"
     assert log.read_text() == "requeue 4200_3\n"
     status = _status(run)
@@ -426,16 +436,9 @@ def test_cli_ddp_signal_to_rank_zero_stops_both_ranks(tmp_path: Path, cache_dir:
     """trainer=ddp_cpu (rank 1 started by ssd-train): SIGTERM to rank 0 alone stops both ranks
     at the same step; the restart with the same run_id resumes and finishes."""
     command = _cli(tmp_path, cache_dir, "trainer=ddp_cpu", "run_id=ddp", *_pause(1, tmp_path))
-    process = subprocess.Popen(command, cwd=tmp_path, env=_env(OMP_NUM_THREADS="1"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)  # fmt: skip
-    _wait_for(tmp_path / "paused-run-rank0", process)
-    _wait_for(tmp_path / "paused-run-rank1", process)
-    process.send_signal(signal.SIGTERM)  # rank 0 only
-    _wait_for(tmp_path / "signalled-run-rank0", process)
-    (tmp_path / "go-run").touch()
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 75, output[-4000:]
+    env = _env(OMP_NUM_THREADS="1")  # SIGTERM to rank 0 only
+    code, output = _stop_when_paused(command, tmp_path, env, tmp_path, "run", signal.SIGTERM, 2)
+    assert code == 75, output[-4000:]
     assert not (tmp_path / "signalled-run-rank1").exists()
     run = tmp_path / "logs" / "tiny" / "runs" / "ddp"
     # 32 images / (8 per rank x 2 ranks) = 2 steps per epoch; stopped after the first
@@ -568,14 +571,8 @@ def test_multirun_stopped_by_a_signal_exits_75_and_the_relaunch_resumes_mid_epoc
     markers.mkdir()
     pause = _pause(6, markers, "${hydra:job.num}", only="1")
     command = _multirun(tmp_path, cache_dir, "loss.neg_pos_ratio=1,2,3", *pause)
-    process = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    _wait_for(markers / "paused-1-rank0", process)
-    process.send_signal(signal.SIGTERM)
-    _wait_for(markers / "signalled-1-rank0", process)
-    (markers / "go-1").touch()
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 75, output[-4000:]
+    code, output = _stop_when_paused(command, tmp_path, _env(), markers, "1", signal.SIGTERM)
+    assert code == 75, output[-4000:]
     sweep = tmp_path / "multi"
     assert [(r["run"], r["status"]) for r in scan(sweep)] == [
         ("0", "finished"), ("1", "preempted"), ("2", "not started")
