@@ -78,6 +78,12 @@ def scheduler_run_id() -> str | None:
     return f"torchelastic-{value}" if value and value != "none" else None
 
 
+def launch_rank() -> int:
+    """The global rank a cluster launcher gave this process (torchrun ``RANK``, SLURM
+    ``SLURM_PROCID``); 0 without one."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def slurm_job_id() -> str | None:
     """This SLURM job as squeue and scontrol name it: ``<array job id>_<task id>`` for a task
     of a job array, else ``<job id>``; None outside SLURM."""

@@ -37,7 +37,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from ssd_lightning.callbacks import SSDCheckpoint, verify_saved
-from ssd_lightning.config import slurm_job_id
+from ssd_lightning.config import launch_rank, slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,11 @@ def _save_last(trainer: L.Trainer) -> str:
     checkpoint = trainer.checkpoint_callback
     if isinstance(checkpoint, SSDCheckpoint) and checkpoint.save_last:
         return checkpoint.save_last_now(trainer)
-    path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+    # where the run's checkpoints are, so that the restart finds it (train.checkpoint_dir)
+    folder = getattr(checkpoint, "dirpath", None) or os.path.join(
+        trainer.default_root_dir, "checkpoints"
+    )
+    path = os.path.join(folder, "last.ckpt")
     trainer.save_checkpoint(path)
     if trainer.is_global_zero:
         verify_saved(path, trainer.global_step)
@@ -222,10 +226,6 @@ def requeue_slurm_job() -> bool:
     return done.returncode == 0
 
 
-def _global_rank_of_launch() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-
-
 def exit_after_stop(
     signal_name: str, exit_code: int = EX_TEMPFAIL, requeue_signals: Sequence[str | int] = ()
 ) -> None:
@@ -236,7 +236,7 @@ def exit_after_stop(
     and requeues) is then called; if it returns, the process exits with ``exit_code``.
     """
     signum = parse_signal(signal_name)
-    if _global_rank_of_launch() == 0 and signum in {parse_signal(s) for s in requeue_signals}:
+    if launch_rank() == 0 and signum in {parse_signal(s) for s in requeue_signals}:
         requeue_slurm_job()
     previous = signal.getsignal(signum)
     if callable(previous) and previous is not signal.default_int_handler:

@@ -41,7 +41,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.anchors import DefaultBoxes
-from ssd_lightning.config import network_on_meta, to_plain
+from ssd_lightning.config import launch_rank, network_on_meta, to_plain
 from ssd_lightning.runs import (
     FINGERPRINT_FILE,
     STATUS_FILE,
@@ -106,7 +106,7 @@ def fingerprint(cfg: DictConfig, default_boxes: DefaultBoxes | None = None) -> d
 
 def write_fingerprint(folder: str | os.PathLike[str], print_: dict[str, Any]) -> Path:
     path = Path(folder) / FINGERPRINT_FILE
-    path.write_text(json.dumps(print_, indent=2, default=str))
+    write_json(path, print_)
     return path
 
 
@@ -286,8 +286,7 @@ class JobStatusCallback(Callback):
         self._start = time.time()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-        if config.hydra.output_subdir is None or rank != 0:
+        if config.hydra.output_subdir is None or launch_rank() != 0:
             return
         folder = Path(config.hydra.runtime.output_dir)
         status = read_status(folder)

@@ -16,7 +16,6 @@ resumes when launched again into the same run folder (``ssd_lightning.preemption
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -39,6 +38,7 @@ from ssd_lightning.config import (
     CONFIG_DIR,
     build_network,
     check_required,
+    launch_rank,
     scheduler_run_id,
     to_plain,
 )
@@ -51,7 +51,7 @@ from ssd_lightning.preemption import (
     exit_after_stop,
     stop_on_signals,
 )
-from ssd_lightning.runs import METRICS_FILE, RunPlan, RunRecord, plan_run, read_json
+from ssd_lightning.runs import METRICS_FILE, RunPlan, RunRecord, plan_run, read_json, write_json
 from ssd_lightning.sweeps import fingerprint, format_plan, write_fingerprint
 
 
@@ -143,7 +143,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         return {"fingerprint": print_["id"]}
     out = Path(cfg.paths.output_dir)
     check_writable(out, "run folder")
-    identity = {"fingerprint": fingerprint(cfg)["id"], "seed": cfg.get("seed")}
+    print_ = fingerprint(cfg)
+    identity = {"fingerprint": print_["id"], "seed": cfg.get("seed")}
     plan = plan_run(out, checkpoint_dir(cfg), identity, bool(cfg.get("retry_failed")))
     if plan.action == "skip":
         return _skip(out, plan)
@@ -156,7 +157,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
     with stop_on_signals(cfg.get("preemption", {}).get("signals", ())) as stop:
         record.start(plan, identity)
         try:
-            metrics = _fit(cfg, ckpt_path, stop, extra_callbacks)
+            metrics = _fit(cfg, ckpt_path, stop, extra_callbacks, print_)
         except Exception as e:
             record.end("failed", error=f"{type(e).__name__}: {e}")
             raise
@@ -168,7 +169,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         return metrics
     metrics["resumes"] = record.resumes
     if _global_rank_zero():
-        _write_json(out / METRICS_FILE, metrics)
+        write_json(out / METRICS_FILE, metrics)
     signaled = {"stop_signal": metrics["stop_signal"]} if metrics.get("stop_signal") else {}
     record.end("finished", **signaled)
     if _global_rank_zero():
@@ -186,14 +187,18 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
 
 
 def _fit(
-    cfg: DictConfig, ckpt_path: str | None, stop: StopRequest, extra_callbacks: Sequence[Callback]
+    cfg: DictConfig,
+    ckpt_path: str | None,
+    stop: StopRequest,
+    extra_callbacks: Sequence[Callback],
+    print_: dict[str, Any],
 ) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, extra_callbacks, ckpt_path, stop)
-    study = study_record(cfg, module, datamodule) if trainer.is_global_zero else {}
+    study = study_record(cfg, print_, module, datamodule) if trainer.is_global_zero else {}
     start = time.perf_counter()
     stopped = None
     with launched_local_ranks(trainer, cfg, cfg.paths.output_dir):
@@ -254,7 +259,7 @@ def _global_rank_zero() -> bool:
     """Global rank 0 of the launch: torchrun/SLURM rank 0 and not a local rank that
     ``ssd_lightning.ddp`` started (known before the trainer exists)."""
     local = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-    return _rank_zero_of_launch() and local
+    return launch_rank() == 0 and local
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
@@ -277,10 +282,11 @@ def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
     return metrics
 
 
-def study_record(cfg: DictConfig, module: SSDModule, datamodule: Any) -> dict[str, Any]:
-    """What a sweep compares this run by: its fingerprint (also written to
+def study_record(
+    cfg: DictConfig, print_: dict[str, Any], module: SSDModule, datamodule: Any
+) -> dict[str, Any]:
+    """What a sweep compares this run by: its fingerprint ``print_`` (written to
     ``fingerprint.json``) and the anchor coverage of its training set."""
-    print_ = fingerprint(cfg, module.anchors)
     write_fingerprint(cfg.paths.output_dir, print_)
     records = getattr(datamodule.train_dataset, "records", None)
     covered = None
@@ -373,16 +379,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
-
-
-def _rank_zero_of_launch() -> bool:
-    """False in processes that a cluster launcher started as global rank > 0."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
-
-
 def _hydra_overrides_for_other_ranks(argv: list[str]) -> list[str]:
     """Keep ranks > 0 of torchrun/SLURM jobs from writing into run folders.
 
@@ -391,7 +387,7 @@ def _hydra_overrides_for_other_ranks(argv: list[str]) -> list[str]:
     (``run_id=``, a SLURM job, torchrun ``--rdzv-id``) they use rank 0's run folder, where a
     restarted job finds the checkpoint to resume; else (a timestamp) the current directory.
     """
-    if _rank_zero_of_launch() or any(a.startswith("hydra.run.dir=") for a in argv):
+    if launch_rank() == 0 or any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
     quiet = ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     named = any(a.startswith("run_id=") for a in argv) or scheduler_run_id() is not None
