@@ -233,3 +233,20 @@ def test_bccd_validation_batch(bccd_root):
     for i in range(2):
         torch.testing.assert_close(batch["gt_boxes"][i], torch.from_numpy(val[i]["boxes"]))
         assert (batch["labels"][i] > 0).sum() >= len(batch["gt_boxes"][i])
+
+
+def test_auto_workers_are_the_job_cpus_per_local_device_less_one(monkeypatch):
+    from types import SimpleNamespace
+
+    import lightning.fabric.utilities.data as fabric_data
+
+    monkeypatch.setattr(
+        fabric_data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False
+    )
+    dm = SSDDataModule(TinyDataset(), None, image_size=SIZE, num_workers="auto")
+    assert dm.workers_per_loader() == 15  # no trainer yet: one device
+    dm.trainer = SimpleNamespace(num_devices=4)
+    assert dm.workers_per_loader() == 3
+    assert (
+        SSDDataModule(TinyDataset(), None, image_size=SIZE, num_workers=2).workers_per_loader() == 2
+    )

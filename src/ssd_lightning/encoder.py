@@ -151,6 +151,11 @@ class SSDBoxCoder(nn.Module):
         self.register_buffer("default_xyxy", xyxy, persistent=False)
         self.register_buffer("default_planes", xyxy.t().contiguous(), persistent=False)  # (4, A)
         self.register_buffer("default_area", d[:, 2] * d[:, 3], persistent=False)
+        # the part of each default box inside the image (outside it holds no pixels), its area
+        inside = xyxy.clamp(0.0, 1.0)
+        self.register_buffer("default_inside", inside, persistent=False)
+        inside_area = ((inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1])).clamp(1e-12)
+        self.register_buffer("default_inside_area", inside_area, persistent=False)
         # targets = ((cx, cy, log w, log h) of the GT - offset) * scale, all (A, 4).
         offset = torch.cat([d[:, :2], d[:, 2:].log()], dim=-1)
         scale = torch.cat([1.0 / (v0 * d[:, 2:]), torch.full_like(d[:, 2:], 1.0 / v1)], dim=-1)
@@ -265,12 +270,12 @@ class SSDBoxCoder(nn.Module):
         Shape:
             boxes: (B, G, 4) normalised xyxy; regions: (B, G) bool; returns (B, A).
         """
-        d = self.default_xyxy.clamp(0.0, 1.0)  # the part outside the image holds no pixels
+        d = self.default_inside
         lt = torch.maximum(boxes[:, :, None, :2], d[:, :2])  # (B, G, A, 2)
         rb = torch.minimum(boxes[:, :, None, 2:], d[:, 2:])
         inter = (rb - lt).clamp(min=0).prod(dim=-1)  # (B, G, A)
-        area = ((d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1])).clamp(min=1e-12)
-        return (inter / area).masked_fill_(~regions[:, :, None], 0.0).amax(dim=1)
+        ioa = inter / self.default_inside_area
+        return ioa.masked_fill_(~regions[:, :, None], 0.0).amax(dim=1)
 
     def encode(self, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
         """Targets for one image.

@@ -221,7 +221,7 @@ class SSDModule(L.LightningModule):
             batch["images"] = self.normalise(batch["images"])
         if "loc_targets" not in batch and "boxes" in batch:
             batch["loc_targets"], batch["labels"] = self.box_coder.encode_batch(
-                batch["boxes"], batch["box_labels"], batch["box_valid"], batch["box_crowd"]
+                batch["boxes"], batch["box_labels"], batch["box_valid"], batch.get("box_crowd")
             )
         return batch
 

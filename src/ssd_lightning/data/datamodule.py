@@ -39,17 +39,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import cv2
 import numpy as np
 import torch
+from lightning.fabric.utilities.data import suggested_max_num_workers
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ssd_lightning.data.transforms import (
@@ -207,16 +208,12 @@ def ssd_collate(samples: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] |
         batch["loc_targets"] = torch.stack([s["loc_targets"] for s in samples])
         batch["labels"] = torch.stack([s["labels"] for s in samples])
     if "boxes" in first:  # padded to the most boxes of an image of the batch
-        counts = [len(s["box_labels"]) for s in samples]
-        slots = max(counts)
-        batch["boxes"] = torch.zeros(len(samples), slots, 4)
-        batch["box_labels"] = torch.zeros(len(samples), slots, dtype=torch.int64)
-        batch["box_crowd"] = torch.zeros(len(samples), slots, dtype=torch.bool)
-        for i, (s, n) in enumerate(zip(samples, counts, strict=True)):
-            batch["boxes"][i, :n] = s["boxes"]
-            batch["box_labels"][i, :n] = s["box_labels"]
-            batch["box_crowd"][i, :n] = s["box_crowd"]
-        batch["box_valid"] = torch.arange(slots)[None] < torch.tensor(counts)[:, None]
+        for key in ("boxes", "box_labels", "box_crowd"):
+            batch[key] = pad_sequence([s[key] for s in samples], batch_first=True)
+        if not batch["box_crowd"].any():  # decided here, on the CPU: no crowd work on the GPU
+            del batch["box_crowd"]
+        counts = torch.tensor([len(s["box_labels"]) for s in samples])
+        batch["box_valid"] = torch.arange(batch["boxes"].shape[1])[None] < counts[:, None]
     for key in ("gt_boxes", "gt_labels", "gt_difficult"):
         if key in first:
             batch[key] = [s[key] for s in samples]
@@ -392,9 +389,8 @@ class SSDDataModule(LightningDataModule):
         """``num_workers``, or for ``"auto"`` the job's CPUs per local device less one."""
         if self.num_workers != "auto":
             return int(self.num_workers)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         devices = self.trainer.num_devices if self.trainer is not None else 1
-        return max(1, (cpus or 1) // max(1, devices) - 1)
+        return suggested_max_num_workers(max(1, devices))  # CPU affinity // devices - 1
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self._wrapped_split(split)
