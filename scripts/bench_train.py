@@ -203,7 +203,7 @@ class StepTimes:
         first, last = self.warmup - 1, self.warmup + self.steps - 1
         t0, t1 = self.ends[first], self.ends[last]
         seconds = t1 - t0
-        cpu_seconds = self.cpu_ends[last] - self.cpu_ends[first] if self.cpu_ends else math.nan
+        cpu_seconds = self.cpu_ends[last] - self.cpu_ends[first]
         window = range(self.warmup, self.warmup + self.steps)
         gap = sum(self.starts[i] - self.ends[i - 1] for i in window)
         wait = sum(end - start for start, end in waits if t0 <= start < t1)
@@ -351,16 +351,12 @@ class PlainStep:
     """One training step of the plain loop: ``SSDModule``'s objects without Lightning."""
 
     def __init__(self, module: SSDModule, cfg: DictConfig, device: torch.device, loss=None) -> None:
-        self.net = module.net
-        self.coder = module.box_coder
+        self.module = module
         self.loss = loss or module.loss
         self.device = device
         self.dtype = autocast_dtype(cfg.trainer.precision)
-        self.channels_last = bool(cfg.module.channels_last)
-        self.mean = torch.tensor(cfg.model.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(cfg.model.std, device=device).view(1, 3, 1, 1) * 255
         self.optimizer = module.optimizer_factory(
-            param_groups(self.net, bool(cfg.optim.no_decay_bias_norm))
+            param_groups(module.net, bool(cfg.optim.no_decay_bias_norm))
         )
         self.scheduler = None
         if module.scheduler_factory is not None:
@@ -369,27 +365,17 @@ class PlainStep:
                 self.optimizer, total_steps=total, steps_per_epoch=total
             )
         if cfg.module.compile:
-            self.net.compile()
+            module.net.compile()
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """The batch's tensors on the device, images normalised and targets assigned."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                  if isinstance(v, Tensor)}  # fmt: skip
-        images = batch["images"]
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if images.dtype == torch.uint8:
-            images = (images.float() - self.mean) / self.std
-        if "loc_targets" not in batch:
-            batch["loc_targets"], batch["labels"] = self.coder.encode_batch(
-                batch["boxes"], batch["box_labels"], batch["box_valid"], batch["box_crowd"]
-            )
-        batch["images"] = images
-        return batch
+        return self.module.on_after_batch_transfer(batch, 0)  # as the Lightning path
 
     def __call__(self, batch: dict[str, Tensor]) -> None:
         with autocast(self.device, self.dtype):
-            loc, logits = self.net(batch["images"])
+            loc, logits = self.module(batch["images"])  # channels-last as configured
             losses = self.loss(loc, logits, batch["loc_targets"], batch["labels"])
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()

@@ -164,7 +164,8 @@ class Check:
 
     def train_images(self) -> int:
         """Training images so that every run (and the pipeline's batches) fits one epoch."""
-        batches = max(self.args.warmup + self.args.steps, self.args.pipeline_batches + 5)
+        pipeline = self.args.pipeline_warmup + self.args.pipeline_batches  # one epoch's batches
+        batches = max(self.args.warmup + self.args.steps, pipeline)
         return int(math.ceil(batches * self.args.batch_size / 64) * 64)
 
 

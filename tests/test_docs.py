@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import open_dict
 
 import ssd_lightning.anchors_cli
@@ -88,14 +89,8 @@ def _parse(command: str) -> tuple[str, list[str]]:
 
 
 def _is_sweep(override: str) -> bool:
-    """A Hydra sweep override: a comma outside brackets in its value."""
-    depth = 0
-    for char in override.partition("=")[2]:
-        depth += char in "[{"
-        depth -= char in "]}"
-        if char == "," and depth == 0:
-            return True
-    return False
+    """A Hydra sweep override (``a=1,2``, ``range(...)``, ``choice(...)``), by Hydra's parser."""
+    return OverridesParser.create().parse_overrides([override])[0].is_sweep_override()
 
 
 @pytest.mark.parametrize("command", COMMANDS)
